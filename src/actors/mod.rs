@@ -1,0 +1,80 @@
+//! The pipeline's actors and their wiring.
+//!
+//! ```text
+//!  HTTP / WS ──IngestMessages──▶ ingest ──EmbedMessages──▶ embedder ──ClusterMessages──▶ clustering shard (by creator)
+//!                                                                                              │ Publish
+//!  WS sessions ◀──────────────── bounded channels ◀──────────────── broadcaster ◀──────────────┘
+//!  recovery ── at start and periodically: unfinished messages ──▶ embedder / clustering
+//! ```
+//!
+//! Every actor runs under an actix `Supervisor` on one dedicated arbiter:
+//! if one stops, it is restarted with fresh state, and whatever it held in
+//! memory is still in the database for the recovery sweep.
+
+pub mod broadcaster;
+pub mod clustering;
+pub mod embedder;
+pub mod ingest;
+pub mod recovery;
+
+use std::sync::Arc;
+
+use actix::{Addr, Arbiter, Supervisor};
+
+use crate::{embedding::Embed, metrics::Metrics, repository::Repository, settings::Settings};
+
+use self::{
+    broadcaster::Broadcaster,
+    clustering::{ClusteringPool, ClusteringShard},
+    embedder::Embedder,
+    ingest::Ingest,
+    recovery::Recovery,
+};
+
+/// Addresses of the running pipeline, handed to the API.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub ingest: Addr<Ingest>,
+    pub broadcaster: Addr<Broadcaster>,
+    pub recovery: Addr<Recovery>,
+}
+
+impl Pipeline {
+    /// Starts every actor, supervised, on `arbiter`.
+    pub fn start(
+        arbiter: &Arbiter,
+        settings: &Settings,
+        repo: Repository,
+        provider: Arc<dyn Embed>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let handle = arbiter.handle();
+        let broadcaster = {
+            let metrics = metrics.clone();
+            Supervisor::start_in_arbiter(&handle, move |_| Broadcaster::new(metrics))
+        };
+        let shards = (0..settings.clustering.shards)
+            .map(|_| {
+                let (repo, broadcaster, metrics) = (repo.clone(), broadcaster.clone(), metrics.clone());
+                let cfg = settings.clustering.clone();
+                Supervisor::start_in_arbiter(&handle, move |_| ClusteringShard::new(repo, broadcaster, cfg, metrics))
+            })
+            .collect();
+        let clustering = ClusteringPool::new(shards);
+        let embedder = {
+            let (repo, clustering, metrics) = (repo.clone(), clustering.clone(), metrics.clone());
+            let cfg = settings.embedder.clone();
+            Supervisor::start_in_arbiter(&handle, move |_| Embedder::new(repo, provider, clustering, cfg, metrics))
+        };
+        let ingest = {
+            let (repo, embedder, metrics) = (repo.clone(), embedder.clone(), metrics.clone());
+            let cfg = settings.ingest.clone();
+            Supervisor::start_in_arbiter(&handle, move |_| Ingest::new(repo, embedder, cfg, metrics))
+        };
+        let recovery = {
+            let cfg = settings.recovery.clone();
+            Supervisor::start_in_arbiter(&handle, move |_| Recovery::new(repo, embedder, clustering, cfg, metrics))
+        };
+        Self { ingest, broadcaster, recovery }
+    }
+}

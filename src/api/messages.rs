@@ -1,0 +1,103 @@
+//! `POST /v1/messages`, `POST /v1/messages/batch`, `GET /v1/messages/{id}`.
+
+use actix_web::{HttpResponse, http::StatusCode, web};
+use chrono::Utc;
+
+use super::{ApiError, ApiState, json, parse_id};
+use crate::{
+    actors::ingest::IngestMessages,
+    domain::validate,
+    protocol::{self, BatchInput, BatchItemResult, BatchResult, IngestResult, MessageInput},
+    repository::InsertOutcome,
+};
+
+/// Validates and durably stores messages; used by HTTP and WebSocket alike.
+pub(super) async fn ingest(
+    state: &ApiState,
+    messages: Vec<validate::NewMessage>,
+) -> Result<Vec<InsertOutcome>, ApiError> {
+    let outcomes = state
+        .pipeline
+        .ingest
+        .send(IngestMessages { messages })
+        .await
+        .map_err(|_| ApiError::Unavailable("ingest is restarting; retry later".into()))??;
+    Ok(outcomes)
+}
+
+/// Stores one message; the result and whether it was a duplicate.
+pub(super) async fn ingest_one(state: &ApiState, input: MessageInput) -> Result<IngestResult, ApiError> {
+    let message = validate::message(input, &state.settings.limits, Utc::now())?;
+    let outcome = ingest(state, vec![message])
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::Internal("ingest returned no outcome".into()))?;
+    Ok(outcome.result().clone())
+}
+
+fn parse_input(value: serde_json::Value) -> Result<MessageInput, ApiError> {
+    protocol::from_object(value).map_err(|e| ApiError::InvalidRequest(format!("invalid message: {e}")))
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn post_message(
+    state: web::Data<ApiState>,
+    body: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let input = parse_input(body.into_inner())?;
+    let result = ingest_one(&state, input).await?;
+    let status = if result.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
+    Ok(json(status, &result))
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn post_batch(state: web::Data<ApiState>, body: web::Json<BatchInput>) -> Result<HttpResponse, ApiError> {
+    let items = body.into_inner().messages;
+    let max = state.settings.limits.max_batch;
+    if items.is_empty() {
+        return Err(ApiError::InvalidRequest("messages must hold at least one message".into()));
+    }
+    if items.len() > max {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "a batch holds at most {max} messages; this one has {}",
+            items.len()
+        )));
+    }
+    // Each item is validated on its own; the valid ones go in one commit.
+    let now = Utc::now();
+    let mut results: Vec<Option<BatchItemResult>> = Vec::with_capacity(items.len());
+    let mut valid = Vec::new();
+    let mut positions = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let checked = parse_input(item)
+            .and_then(|input| validate::message(input, &state.settings.limits, now).map_err(ApiError::from));
+        match checked {
+            Ok(message) => {
+                valid.push(message);
+                positions.push(i);
+                results.push(None);
+            }
+            Err(err) => results.push(Some(BatchItemResult::Err { error: err.body() })),
+        }
+    }
+    if !valid.is_empty() {
+        for (i, outcome) in positions.into_iter().zip(ingest(&state, valid).await?) {
+            results[i] = Some(BatchItemResult::Ok(outcome.result().clone()));
+        }
+    }
+    let results = results
+        .into_iter()
+        .map(|r| r.ok_or_else(|| ApiError::Internal("a batch item got no result".into())))
+        .collect::<Result<_, _>>()?;
+    Ok(json(StatusCode::ACCEPTED, &BatchResult { results }))
+}
+
+#[tracing::instrument(skip(state))]
+pub async fn get_message(state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&path, "message")?;
+    let message = state.repo.message(id).await.map_err(|e| match e {
+        crate::repository::RepoError::NotFound => ApiError::not_found("message"),
+        other => other.into(),
+    })?;
+    Ok(json(StatusCode::OK, &message))
+}

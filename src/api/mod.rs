@@ -1,0 +1,83 @@
+//! The HTTP and WebSocket API: thin handlers that validate, call the
+//! pipeline or the repository, and map results to the contract's shapes.
+
+mod clusters;
+pub mod error;
+mod health;
+mod messages;
+mod ws;
+
+use std::sync::{Arc, atomic::AtomicU64};
+
+use actix_web::{
+    HttpResponse,
+    body::MessageBody,
+    dev::{ServiceRequest, ServiceResponse},
+    middleware::Next,
+    web,
+};
+
+use crate::{actors::Pipeline, metrics::Metrics, repository::Repository, settings::Settings};
+
+pub use error::ApiError;
+
+/// What every handler may use; one per application.
+pub struct ApiState {
+    pub repo: Repository,
+    pub pipeline: Pipeline,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    /// Source of WebSocket session ids.
+    pub next_session: AtomicU64,
+}
+
+/// Registers every route on an actix-web `App`.
+pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
+    let max_body = state.settings.limits.max_body_bytes;
+    cfg.app_data(state)
+        .app_data(web::JsonConfig::default().limit(max_body).error_handler(error::json_error))
+        .app_data(web::PayloadConfig::default().limit(max_body))
+        .app_data(web::QueryConfig::default().error_handler(error::query_error))
+        .app_data(web::PathConfig::default().error_handler(error::path_error))
+        .route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
+        .route("/metrics", web::get().to(health::metrics))
+        .service(
+            web::scope("/v1")
+                .route("/messages", web::post().to(messages::post_message))
+                .route("/messages/batch", web::post().to(messages::post_batch))
+                .route("/messages/{id}", web::get().to(messages::get_message))
+                .route("/creators/{creator_id}/clusters", web::get().to(clusters::list))
+                .route("/clusters/{id}", web::get().to(clusters::detail))
+                .route("/clusters/{id}/action", web::post().to(clusters::action))
+                .route("/clusters/{id}/messages/{message_id}", web::delete().to(clusters::remove_message))
+                .route("/ws", web::get().to(ws::connect)),
+        )
+        .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::not_found("route")) }));
+}
+
+/// Counts and times every request by route pattern and status.
+pub async fn track(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let metrics = req.app_data::<web::Data<ApiState>>().map(|s| s.metrics.clone());
+    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let started = std::time::Instant::now();
+    let response = next.call(req).await?;
+    if let Some(metrics) = metrics {
+        metrics.http_seconds.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
+        metrics.http_requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
+    }
+    Ok(response)
+}
+
+/// Parses an id from a path segment; anything that is not an id names
+/// nothing, so it is a 404 like an unknown id.
+fn parse_id(raw: &str, what: &str) -> Result<uuid::Uuid, ApiError> {
+    raw.parse().map_err(|_| ApiError::not_found(what))
+}
+
+fn json<T: serde::Serialize>(status: actix_web::http::StatusCode, body: &T) -> HttpResponse {
+    HttpResponse::build(status).json(body)
+}

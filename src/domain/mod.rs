@@ -1,0 +1,6 @@
+//! Pure logic, free of actors and I/O: input validation, text
+//! normalisation, vector arithmetic.
+
+pub mod text;
+pub mod validate;
+pub mod vector;

@@ -1,0 +1,242 @@
+//! Validation of everything a client sends, before anything is stored.
+//! A message that passes becomes a [`NewMessage`], ready to insert.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::{
+    domain::text,
+    protocol::{MessageInput, Visitor},
+    settings::Limits,
+};
+
+pub const MAX_CREATOR_ID_CHARS: usize = 128;
+pub const MAX_EXTERNAL_ID_CHARS: usize = 256;
+pub const MAX_VISITOR_ID_CHARS: usize = 256;
+pub const MAX_VISITOR_NAME_CHARS: usize = 256;
+pub const MAX_AVATAR_URL_CHARS: usize = 2048;
+pub const MAX_RAW_PAYLOAD_BYTES: usize = 64 * 1024;
+pub const MAX_RAW_PAYLOAD_DEPTH: usize = 32;
+
+/// Why an input was refused: the API maps `TooLarge` to 413 and `Invalid`
+/// to 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ValidationError {
+    ValidationError::Invalid(msg.into())
+}
+
+/// A validated message, with its id and receive time assigned.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: Uuid,
+    pub creator_id: String,
+    pub external_id: Option<String>,
+    pub text: String,
+    pub norm_key: [u8; 32],
+    pub visitor: Option<Visitor>,
+    pub raw_payload: Option<serde_json::Value>,
+    pub sent_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// `creator_id`: 1-128 characters of `[A-Za-z0-9_.:-]`.
+pub fn creator_id(id: &str) -> Result<(), ValidationError> {
+    let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-');
+    if id.is_empty() || id.len() > MAX_CREATOR_ID_CHARS || !id.chars().all(valid_char) {
+        return Err(invalid(format!("creator_id must be 1-{MAX_CREATOR_ID_CHARS} characters of [A-Za-z0-9_.:-]")));
+    }
+    Ok(())
+}
+
+/// A free-text field: at most `max` characters, no NUL, and (when
+/// `require_content`) at least one non-whitespace character.
+fn text_field(name: &str, value: &str, max: usize, require_content: bool) -> Result<(), ValidationError> {
+    if value.contains('\0') {
+        return Err(invalid(format!("{name} must not contain NUL characters")));
+    }
+    if require_content && value.trim().is_empty() {
+        return Err(invalid(format!("{name} must contain a non-whitespace character")));
+    }
+    let chars = value.chars().count();
+    if chars > max {
+        return Err(ValidationError::TooLarge(format!(
+            "{name} is {chars} characters long; at most {max} are accepted"
+        )));
+    }
+    Ok(())
+}
+
+/// The text of a message or of a response.
+pub fn message_text(name: &str, value: &str, limits: &Limits) -> Result<(), ValidationError> {
+    text_field(name, value, limits.max_text_chars, true)
+}
+
+fn short_field(name: &str, value: &str, max: usize) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(invalid(format!("{name} must not be empty")));
+    }
+    if value.chars().count() > max {
+        return Err(invalid(format!("{name} must be at most {max} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(format!("{name} must not contain control characters")));
+    }
+    Ok(())
+}
+
+/// Walks a JSON value: bounded depth, and no NUL in strings or keys
+/// (PostgreSQL's jsonb cannot store `\u0000`).
+fn raw_payload(value: &serde_json::Value) -> Result<(), ValidationError> {
+    fn walk(v: &serde_json::Value, depth: usize) -> Result<(), ValidationError> {
+        if depth > MAX_RAW_PAYLOAD_DEPTH {
+            return Err(invalid(format!("raw_payload is nested deeper than {MAX_RAW_PAYLOAD_DEPTH} levels")));
+        }
+        let nul = || invalid("raw_payload must not contain NUL characters (\\u0000)");
+        match v {
+            serde_json::Value::String(s) if s.contains('\0') => Err(nul()),
+            serde_json::Value::Array(items) => items.iter().try_for_each(|i| walk(i, depth + 1)),
+            serde_json::Value::Object(map) => map.iter().try_for_each(|(k, i)| {
+                if k.contains('\0') {
+                    return Err(nul());
+                }
+                walk(i, depth + 1)
+            }),
+            _ => Ok(()),
+        }
+    }
+    walk(value, 0)?;
+    let size = serde_json::to_vec(value).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_RAW_PAYLOAD_BYTES {
+        return Err(ValidationError::TooLarge(format!(
+            "raw_payload is {size} bytes; at most {MAX_RAW_PAYLOAD_BYTES} are accepted"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a submitted message and turns it into a [`NewMessage`].
+pub fn message(input: MessageInput, limits: &Limits, now: DateTime<Utc>) -> Result<NewMessage, ValidationError> {
+    creator_id(&input.creator_id)?;
+    message_text("text", &input.text, limits)?;
+    if let Some(external_id) = &input.external_id {
+        short_field("external_id", external_id, MAX_EXTERNAL_ID_CHARS)?;
+    }
+    if let Some(visitor) = &input.visitor {
+        let fields = [
+            ("visitor.id", &visitor.id, MAX_VISITOR_ID_CHARS),
+            ("visitor.name", &visitor.name, MAX_VISITOR_NAME_CHARS),
+            ("visitor.avatar_url", &visitor.avatar_url, MAX_AVATAR_URL_CHARS),
+        ];
+        for (name, value, max) in fields {
+            if let Some(value) = value {
+                text_field(name, value, max, false).map_err(|e| invalid(e.to_string()))?;
+            }
+        }
+    }
+    if let Some(payload) = &input.raw_payload {
+        raw_payload(payload)?;
+    }
+    let sent_at = match &input.sent_at {
+        None => now,
+        Some(s) => DateTime::parse_from_rfc3339(s)
+            .map_err(|e| invalid(format!("sent_at must be an RFC 3339 timestamp: {e}")))?
+            .with_timezone(&Utc),
+    };
+    Ok(NewMessage {
+        id: Uuid::now_v7(),
+        norm_key: text::norm_key(&input.text),
+        creator_id: input.creator_id,
+        external_id: input.external_id,
+        text: input.text,
+        visitor: input.visitor.filter(|v| *v != Visitor::default()),
+        raw_payload: input.raw_payload,
+        sent_at,
+        received_at: now,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { max_text_chars: 10, max_body_bytes: 1 << 20, max_frame_bytes: 1 << 16, max_batch: 10 }
+    }
+
+    fn input(text: &str) -> MessageInput {
+        MessageInput {
+            creator_id: "creator-1".into(),
+            text: text.into(),
+            external_id: None,
+            visitor: None,
+            raw_payload: None,
+            sent_at: None,
+        }
+    }
+
+    fn check(i: MessageInput) -> Result<NewMessage, ValidationError> {
+        message(i, &limits(), Utc::now())
+    }
+
+    #[test]
+    fn creator_ids() {
+        assert!(creator_id("abc_DEF.1:2-3").is_ok());
+        assert!(creator_id("").is_err());
+        assert!(creator_id("a b").is_err());
+        assert!(creator_id("é").is_err());
+        assert!(creator_id(&"a".repeat(128)).is_ok());
+        assert!(creator_id(&"a".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn text_limits_count_characters_not_bytes() {
+        assert!(check(input("éééééééééé")).is_ok(), "10 characters, 20 bytes");
+        assert!(matches!(check(input("01234567890")), Err(ValidationError::TooLarge(_))));
+        assert!(matches!(check(input("")), Err(ValidationError::Invalid(_))));
+        assert!(matches!(check(input(" \n\t ")), Err(ValidationError::Invalid(_))));
+        assert!(matches!(check(input("a\0b")), Err(ValidationError::Invalid(_))));
+    }
+
+    #[test]
+    fn text_is_kept_as_sent() {
+        let m = check(input("  Hi! ")).expect("valid");
+        assert_eq!(m.text, "  Hi! ");
+        assert_eq!(m.norm_key, text::norm_key("hi!"));
+    }
+
+    #[test]
+    fn optional_fields() {
+        let mut i = input("hi");
+        i.external_id = Some(String::new());
+        assert!(check(i).is_err());
+        let mut i = input("hi");
+        i.external_id = Some("a\u{7}".into());
+        assert!(check(i).is_err());
+        let mut i = input("hi");
+        i.sent_at = Some("yesterday".into());
+        assert!(check(i).is_err());
+        let mut i = input("hi");
+        i.sent_at = Some("2026-11-25T10:00:00+01:00".into());
+        assert_eq!(check(i).expect("valid").sent_at.to_rfc3339(), "2026-11-25T09:00:00+00:00");
+        let mut i = input("hi");
+        i.raw_payload = Some(serde_json::json!({"a": ["x\u{0}"]}));
+        assert!(check(i).is_err());
+        let mut i = input("hi");
+        let mut deep = serde_json::json!(1);
+        for _ in 0..40 {
+            deep = serde_json::json!([deep]);
+        }
+        i.raw_payload = Some(deep);
+        assert!(check(i).is_err());
+        let mut i = input("hi");
+        i.visitor = Some(Visitor { name: Some("n\0".into()), ..Visitor::default() });
+        assert!(check(i).is_err());
+    }
+}

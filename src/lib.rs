@@ -1,0 +1,14 @@
+//! clusterd: clusters the messages visitors send to a creator by
+//! similarity, live. See the README for the architecture.
+
+pub mod actors;
+pub mod api;
+pub mod domain;
+pub mod embedding;
+pub mod entities;
+pub mod metrics;
+pub mod protocol;
+pub mod repository;
+pub mod settings;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,40 @@
+//! The `clusterd` command line: `serve` and `migrate`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use clusterd::{repository::schema, settings::Settings, startup::Application, telemetry};
+
+#[derive(Parser)]
+#[command(name = "clusterd", version, about = "Clusters the messages visitors send to a creator, live.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Applies pending migrations, then serves the API.
+    Serve,
+    /// Applies pending migrations and exits.
+    Migrate,
+}
+
+#[actix_web::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load().context("configuration")?;
+    telemetry::init(&settings.log.filter);
+    match cli.command {
+        Command::Serve => {
+            let app = Application::build(settings).await?;
+            app.run_until_stopped().await?;
+        }
+        Command::Migrate => {
+            let db = schema::connect(&settings.database, &settings.index).await.context("database")?;
+            schema::migrate(&db).await.context("migrations")?;
+            schema::pin_dimension(&db, settings.embedder.dimensions).await?;
+            tracing::info!("migrations applied");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Prometheus metrics of the whole daemon, served on `GET /metrics`.
+//! One [`Metrics`] per application, passed to whoever records.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_seconds: HistogramVec,
+    pub messages_ingested: IntCounter,
+    pub messages_duplicate: IntCounter,
+    pub ingest_rejected: IntCounterVec,
+    pub ingest_commit_seconds: Histogram,
+    pub ingest_group_size: Histogram,
+    pub messages_embedded: IntCounter,
+    pub embed_batch_size: Histogram,
+    pub embed_seconds: Histogram,
+    pub embed_queue: IntGauge,
+    pub messages_clustered: IntCounter,
+    pub cluster_decisions: IntCounterVec,
+    pub cluster_commit_seconds: Histogram,
+    pub cluster_queue: IntGauge,
+    pub pipeline_dropped: IntCounterVec,
+    pub pipeline_errors: IntCounterVec,
+    pub messages_recovered: IntCounter,
+    pub events_published: IntCounter,
+    pub ws_connections: IntGauge,
+    pub ws_subscriptions: IntGauge,
+    pub ws_slow_closed: IntCounter,
+}
+
+/// Latency buckets from 0.25 ms to 10 s.
+const LATENCY: &[f64] =
+    &[0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const SIZES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("clusterd".into()), None).expect("a valid metric prefix");
+        macro_rules! register {
+            ($metric:expr) => {{
+                let metric = $metric.expect("metric definitions are static and valid");
+                registry.register(Box::new(metric.clone())).expect("metric names are unique");
+                metric
+            }};
+        }
+        let counter = |name: &str, help: &str| IntCounter::new(name, help);
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        };
+        Self {
+            http_requests: register!(IntCounterVec::new(
+                Opts::new("http_requests_total", "HTTP requests by route and status"),
+                &["route", "status"]
+            )),
+            http_seconds: register!(HistogramVec::new(
+                HistogramOpts::new("http_request_seconds", "HTTP request latency by route").buckets(LATENCY.to_vec()),
+                &["route"]
+            )),
+            messages_ingested: register!(counter("messages_ingested_total", "Messages durably stored")),
+            messages_duplicate: register!(counter("messages_duplicate_total", "Messages answered as duplicates")),
+            ingest_rejected: register!(IntCounterVec::new(
+                Opts::new("ingest_rejected_total", "Messages refused by ingest, by reason"),
+                &["reason"]
+            )),
+            ingest_commit_seconds: register!(histogram("ingest_commit_seconds", "Group commit latency", LATENCY)),
+            ingest_group_size: register!(histogram("ingest_group_size", "Messages per group commit", SIZES)),
+            messages_embedded: register!(counter("messages_embedded_total", "Messages embedded and stored")),
+            embed_batch_size: register!(histogram("embed_batch_size", "Texts per embedding batch", SIZES)),
+            embed_seconds: register!(histogram("embed_seconds", "Embedding latency per batch", LATENCY)),
+            embed_queue: register!(IntGauge::new("embed_queue", "Texts waiting for the embedder")),
+            messages_clustered: register!(counter("messages_clustered_total", "Messages clustered")),
+            cluster_decisions: register!(IntCounterVec::new(
+                Opts::new("cluster_decisions_total", "Clustering decisions by outcome"),
+                &["outcome"]
+            )),
+            cluster_commit_seconds: register!(histogram(
+                "cluster_commit_seconds",
+                "Clustering transaction latency per group",
+                LATENCY
+            )),
+            cluster_queue: register!(IntGauge::new("cluster_queue", "Messages waiting for a clustering decision")),
+            pipeline_dropped: register!(IntCounterVec::new(
+                Opts::new(
+                    "pipeline_deferred_total",
+                    "Messages left to the recovery sweep because a stage queue was full"
+                ),
+                &["stage"]
+            )),
+            pipeline_errors: register!(IntCounterVec::new(
+                Opts::new("pipeline_errors_total", "Failed pipeline steps (retried by the sweep)"),
+                &["stage"]
+            )),
+            messages_recovered: register!(counter("messages_recovered_total", "Unfinished messages picked up again")),
+            events_published: register!(counter("events_published_total", "Cluster events published")),
+            ws_connections: register!(IntGauge::new("ws_connections", "Open WebSocket connections")),
+            ws_subscriptions: register!(IntGauge::new("ws_subscriptions", "Active creator subscriptions")),
+            ws_slow_closed: register!(counter("ws_slow_closed_total", "Subscribers closed for being too slow")),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,352 @@
+//! The wire types of the HTTP and WebSocket API: what clients send and what
+//! they get back. Shared with `loadtest` so both sides agree by construction.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Deserialises `T` from a JSON object only. Derived struct
+/// deserialisers also accept arrays (`["c1", "hi"]` as a positional
+/// message), which the API must refuse.
+pub fn from_object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, serde_json::Error> {
+    if !value.is_object() {
+        return Err(serde::de::Error::custom(format!("expected a JSON object, got {}", kind(&value))));
+    }
+    serde_json::from_value(value)
+}
+
+fn kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// `deserialize_with` form of [`from_object`].
+fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    from_object(value).map_err(serde::de::Error::custom)
+}
+
+/// A message as a client submits it (`POST /v1/messages`, WebSocket `ingest`).
+/// Unknown fields are rejected so that a typo (`extrnal_id`) cannot silently
+/// disable idempotency.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageInput {
+    pub creator_id: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visitor: Option<Visitor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_payload: Option<serde_json::Value>,
+    /// RFC 3339; the receive time when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<String>,
+}
+
+/// Who sent a message, as the integration knows them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Visitor {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub avatar_url: Option<String>,
+}
+
+/// `POST /v1/messages/batch`. Items stay raw JSON so that each one is
+/// validated, and answered, on its own.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchInput {
+    pub messages: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    Pending,
+    Embedded,
+    Clustered,
+    Failed,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Embedded => "embedded",
+            Self::Clustered => "clustered",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "embedded" => Some(Self::Embedded),
+            "clustered" => Some(Self::Clustered),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// The answer to one ingested message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestResult {
+    pub message_id: Uuid,
+    pub status: MessageStatus,
+    pub cluster_id: Option<Uuid>,
+    pub duplicate: bool,
+}
+
+/// `POST /v1/messages/batch` answer: one entry per submitted item, in order.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchResult {
+    pub results: Vec<BatchItemResult>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BatchItemResult {
+    Ok(IngestResult),
+    Err { error: ErrorBody },
+}
+
+/// A stored message as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageView {
+    pub id: Uuid,
+    pub creator_id: String,
+    pub external_id: Option<String>,
+    pub text: String,
+    pub visitor: Option<Visitor>,
+    pub status: MessageStatus,
+    pub cluster_id: Option<Uuid>,
+    pub sent_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterStatus {
+    Open,
+    Actioned,
+}
+
+impl ClusterStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Actioned => "actioned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "open" => Some(Self::Open),
+            "actioned" => Some(Self::Actioned),
+            _ => None,
+        }
+    }
+}
+
+/// A cluster as the API shows it. `sample_messages` is filled in listings
+/// only (absent from events and detail).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub id: Uuid,
+    pub creator_id: String,
+    pub status: ClusterStatus,
+    pub size: i32,
+    pub label: String,
+    pub response_text: Option<String>,
+    pub suggested_response: Option<String>,
+    pub actioned_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_messages: Option<Vec<MessageView>>,
+}
+
+/// `GET /v1/creators/{creator_id}/clusters`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterList {
+    pub clusters: Vec<ClusterView>,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/clusters/{id}`: the cluster and a page of its messages.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterDetail {
+    #[serde(flatten)]
+    pub cluster: ClusterView,
+    pub messages: Vec<MessageView>,
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /v1/clusters/{id}/action`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionInput {
+    pub response_text: String,
+}
+
+/// `DELETE /v1/clusters/{id}/messages/{message_id}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoveResult {
+    /// The cluster the message left.
+    pub cluster: ClusterView,
+    /// The message, now in its new singleton cluster.
+    pub message: MessageView,
+}
+
+/// The kinds of cluster events, as they appear in the `event` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    #[serde(rename = "cluster.created")]
+    ClusterCreated,
+    #[serde(rename = "cluster.updated")]
+    ClusterUpdated,
+    #[serde(rename = "cluster.actioned")]
+    ClusterActioned,
+    #[serde(rename = "cluster.merged")]
+    ClusterMerged,
+    #[serde(rename = "message.removed")]
+    MessageRemoved,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterCreated => "cluster.created",
+            Self::ClusterUpdated => "cluster.updated",
+            Self::ClusterActioned => "cluster.actioned",
+            Self::ClusterMerged => "cluster.merged",
+            Self::MessageRemoved => "message.removed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::ClusterCreated, Self::ClusterUpdated, Self::ClusterActioned, Self::ClusterMerged, Self::MessageRemoved]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// A server event frame: `{"type": "event", ...}`. Stored as sent in the
+/// durable log, so replay yields exactly what live subscribers saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventFrame {
+    #[serde(rename = "type")]
+    pub frame_type: EventTag,
+    pub event_id: i64,
+    pub creator_id: String,
+    pub event: EventKind,
+    pub cluster: ClusterView,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<MessageView>,
+    /// `message.removed` only: the singleton cluster the message moved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_cluster: Option<ClusterView>,
+    pub at: DateTime<Utc>,
+}
+
+/// The constant `"event"` type tag of [`EventFrame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventTag {
+    Event,
+}
+
+/// The body of every error, over HTTP and in WebSocket error frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// `{"error": {...}}`, the HTTP error envelope.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+/// Frames a WebSocket client sends. Parsed in two steps (the envelope, then
+/// the payload of its `type`) so that errors can echo the client's `id`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ClientFrame {
+    Subscribe {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        creator_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<i64>,
+    },
+    Unsubscribe {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        creator_id: String,
+    },
+    Ingest {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        #[serde(deserialize_with = "object")]
+        message: MessageInput,
+    },
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+    },
+}
+
+/// Replies the server sends to client frames (events are [`EventFrame`]).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerFrame {
+    Subscribed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        creator_id: String,
+        last_event_id: i64,
+    },
+    Unsubscribed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        creator_id: String,
+    },
+    Ack {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        message_id: Uuid,
+        status: MessageStatus,
+        cluster_id: Option<Uuid>,
+        duplicate: bool,
+    },
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+    },
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        error: ErrorBody,
+    },
+}

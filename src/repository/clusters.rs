@@ -1,0 +1,404 @@
+//! Clusters: listing and detail reads, and the creator operations (action,
+//! remove), each one transaction under the creator's lock and one event.
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use sea_orm::{DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait, prelude::PgVector};
+use uuid::Uuid;
+
+use super::{
+    RepoError, Repository,
+    events::{self, Draft, StoredEvent},
+    lock_creators,
+    messages::{MESSAGE_COLUMNS, MessageRow},
+    stmt, uuid_array,
+};
+use crate::{
+    domain::vector,
+    protocol::{ClusterDetail, ClusterList, ClusterStatus, ClusterView, EventKind, MessageView, RemoveResult},
+};
+
+/// The columns of a cluster as the API shows it (never the centroid).
+pub(super) const CLUSTER_COLUMNS: &str =
+    "id, creator_id, status, size, label, response_text, suggested_response, actioned_at, created_at, updated_at";
+
+/// How many sample messages a listed cluster carries.
+const SAMPLES: i64 = 5;
+
+#[derive(Debug, FromQueryResult)]
+pub(super) struct ClusterRow {
+    pub id: Uuid,
+    pub creator_id: String,
+    pub status: String,
+    pub size: i32,
+    pub label: String,
+    pub response_text: Option<String>,
+    pub suggested_response: Option<String>,
+    pub actioned_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl ClusterRow {
+    pub fn view(self) -> ClusterView {
+        ClusterView {
+            id: self.id,
+            creator_id: self.creator_id,
+            // The schema's CHECK constraint admits only the two statuses.
+            status: ClusterStatus::parse(&self.status).unwrap_or(ClusterStatus::Open),
+            size: self.size,
+            label: self.label,
+            response_text: self.response_text,
+            suggested_response: self.suggested_response,
+            actioned_at: self.actioned_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            sample_messages: None,
+        }
+    }
+}
+
+/// Which clusters a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterFilter {
+    Open,
+    Actioned,
+    All,
+}
+
+/// The order of a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterSort {
+    /// Most recently updated first.
+    Recent,
+    /// Largest first.
+    Size,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub filter: ClusterFilter,
+    pub sort: ClusterSort,
+    pub limit: u32,
+    pub cursor: Option<String>,
+}
+
+/// A keyset position in a listing: the sort key and id of the last row
+/// shown, encoded opaquely for clients.
+#[derive(Debug, PartialEq)]
+enum Cursor {
+    Recent(DateTime<Utc>, Uuid),
+    Size(i32, Uuid),
+    Message(Uuid),
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        let raw = match self {
+            Self::Recent(at, id) => format!("r|{}|{id}", at.timestamp_micros()),
+            Self::Size(size, id) => format!("s|{size}|{id}"),
+            Self::Message(id) => format!("m|{id}"),
+        };
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    fn decode(s: &str) -> Option<Self> {
+        let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(s).ok()?).ok()?;
+        let parts: Vec<&str> = raw.split('|').collect();
+        match parts.as_slice() {
+            ["r", micros, id] => {
+                Some(Self::Recent(DateTime::from_timestamp_micros(micros.parse().ok()?)?, id.parse().ok()?))
+            }
+            ["s", size, id] => Some(Self::Size(size.parse().ok()?, id.parse().ok()?)),
+            ["m", id] => Some(Self::Message(id.parse().ok()?)),
+            _ => None,
+        }
+    }
+}
+
+/// A cursor that does not decode, or belongs to another kind of listing.
+fn bad_cursor() -> RepoError {
+    RepoError::Invalid("invalid cursor: pass back a next_cursor of the same listing".into())
+}
+
+impl Repository {
+    /// A page of a creator's clusters, each with up to five sample messages.
+    /// Returns `Invalid` for a cursor that does not fit the query.
+    #[tracing::instrument(skip(self))]
+    pub async fn list_clusters(&self, creator_id: &str, query: ListQuery) -> Result<ClusterList, RepoError> {
+        let mut sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE creator_id = $1");
+        let mut values: Vec<sea_orm::Value> = vec![creator_id.into()];
+        match query.filter {
+            ClusterFilter::Open => sql.push_str(" AND status = 'open'"),
+            ClusterFilter::Actioned => sql.push_str(" AND status = 'actioned'"),
+            ClusterFilter::All => {}
+        }
+        let cursor = match &query.cursor {
+            Some(c) => Some(Cursor::decode(c).ok_or_else(bad_cursor)?),
+            None => None,
+        };
+        match (query.sort, cursor) {
+            (_, None) => {}
+            (ClusterSort::Recent, Some(Cursor::Recent(at, id))) => {
+                sql.push_str(" AND (updated_at, id) < ($2, $3)");
+                values.extend([at.into(), id.into()]);
+            }
+            (ClusterSort::Size, Some(Cursor::Size(size, id))) => {
+                sql.push_str(" AND (size, id) < ($2, $3)");
+                values.extend([size.into(), id.into()]);
+            }
+            _ => return Err(bad_cursor()),
+        }
+        sql.push_str(match query.sort {
+            ClusterSort::Recent => " ORDER BY updated_at DESC, id DESC",
+            ClusterSort::Size => " ORDER BY size DESC, id DESC",
+        });
+        sql.push_str(&format!(" LIMIT {}", i64::from(query.limit) + 1));
+
+        let mut rows = ClusterRow::find_by_statement(stmt(&sql, values)).all(&self.db).await?;
+        let next_cursor = if rows.len() > query.limit as usize {
+            rows.truncate(query.limit as usize);
+            rows.last().map(|last| match query.sort {
+                ClusterSort::Recent => Cursor::Recent(last.updated_at, last.id).encode(),
+                ClusterSort::Size => Cursor::Size(last.size, last.id).encode(),
+            })
+        } else {
+            None
+        };
+        let mut clusters: Vec<ClusterView> = rows.into_iter().map(ClusterRow::view).collect();
+        self.attach_samples(&mut clusters).await?;
+        Ok(ClusterList { clusters, next_cursor })
+    }
+
+    /// Fills `sample_messages` of every cluster with one query.
+    async fn attach_samples(&self, clusters: &mut [ClusterView]) -> Result<(), RepoError> {
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT s.* FROM unnest($1::uuid[]) AS c(id)
+             CROSS JOIN LATERAL (SELECT {MESSAGE_COLUMNS} FROM messages
+                                 WHERE cluster_id = c.id ORDER BY id LIMIT {SAMPLES}) AS s"
+        );
+        let rows = MessageRow::find_by_statement(stmt(&sql, [uuid_array(clusters.iter().map(|c| c.id))]))
+            .all(&self.db)
+            .await?;
+        let mut by_cluster: std::collections::HashMap<Uuid, Vec<MessageView>> = Default::default();
+        for row in rows {
+            let view = row.view();
+            if let Some(cluster_id) = view.cluster_id {
+                by_cluster.entry(cluster_id).or_default().push(view);
+            }
+        }
+        for cluster in clusters {
+            cluster.sample_messages = Some(by_cluster.remove(&cluster.id).unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// A cluster and a page of its messages, oldest first.
+    #[tracing::instrument(skip(self))]
+    pub async fn cluster_detail(&self, id: Uuid, limit: u32, cursor: Option<&str>) -> Result<ClusterDetail, RepoError> {
+        let after = match cursor {
+            None => Uuid::nil(),
+            Some(c) => match Cursor::decode(c) {
+                Some(Cursor::Message(id)) => id,
+                _ => return Err(bad_cursor()),
+            },
+        };
+        let cluster = self.cluster(id).await?;
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE cluster_id = $1 AND id > $2 ORDER BY id LIMIT {}",
+            i64::from(limit) + 1
+        );
+        let mut messages: Vec<MessageView> = MessageRow::find_by_statement(stmt(&sql, [id.into(), after.into()]))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(MessageRow::view)
+            .collect();
+        let next_cursor = if messages.len() > limit as usize {
+            messages.truncate(limit as usize);
+            messages.last().map(|m| Cursor::Message(m.id).encode())
+        } else {
+            None
+        };
+        Ok(ClusterDetail { cluster, messages, next_cursor })
+    }
+
+    #[tracing::instrument(skip(self))]
+    pub async fn cluster(&self, id: Uuid) -> Result<ClusterView, RepoError> {
+        let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1");
+        ClusterRow::find_by_statement(stmt(&sql, [id.into()]))
+            .one(&self.db)
+            .await?
+            .map(ClusterRow::view)
+            .ok_or(RepoError::NotFound)
+    }
+
+    /// Answers a cluster: stores the response and closes it. `Conflict` if
+    /// it was already actioned.
+    #[tracing::instrument(skip(self, response_text))]
+    pub async fn action_cluster(&self, id: Uuid, response_text: &str) -> Result<(ClusterView, StoredEvent), RepoError> {
+        let (tx, cluster) = self.begin_on_cluster(id).await?;
+        if cluster.status == ClusterStatus::Actioned {
+            return Err(RepoError::Conflict(format!("cluster {id} is already actioned")));
+        }
+        let now = Utc::now();
+        let sql = format!(
+            "UPDATE clusters SET status = 'actioned', response_text = $2, actioned_at = $3, updated_at = $3
+             WHERE id = $1 RETURNING {CLUSTER_COLUMNS}"
+        );
+        let cluster = ClusterRow::find_by_statement(stmt(&sql, [id.into(), response_text.into(), now.into()]))
+            .one(&tx)
+            .await?
+            .ok_or(RepoError::NotFound)?
+            .view();
+        let draft =
+            Draft { kind: EventKind::ClusterActioned, cluster: cluster.clone(), message: None, new_cluster: None };
+        let event = single(events::append(&tx, &cluster.creator_id, vec![draft], now).await?)?;
+        tx.commit().await?;
+        Ok((cluster, event))
+    }
+
+    /// Moves a message out of its cluster into a new open singleton cluster.
+    /// `NotFound` if the message is not in that cluster; `Conflict` if it is
+    /// the cluster's only message.
+    #[tracing::instrument(skip(self))]
+    pub async fn remove_message(
+        &self,
+        cluster_id: Uuid,
+        message_id: Uuid,
+    ) -> Result<(RemoveResult, StoredEvent), RepoError> {
+        let (tx, cluster) = self.begin_on_cluster(cluster_id).await?;
+        #[derive(FromQueryResult)]
+        struct Member {
+            #[sea_orm(nested)]
+            row: MessageRow,
+            embedding: Option<PgVector>,
+        }
+        let sql =
+            format!("SELECT {MESSAGE_COLUMNS}, embedding FROM messages WHERE id = $1 AND cluster_id = $2 FOR UPDATE");
+        let member = Member::find_by_statement(stmt(&sql, [message_id.into(), cluster_id.into()]))
+            .one(&tx)
+            .await?
+            .ok_or(RepoError::NotFound)?;
+        if cluster.size <= 1 {
+            return Err(RepoError::Conflict(format!(
+                "message {message_id} is the only message of cluster {cluster_id}"
+            )));
+        }
+        let embedding = member
+            .embedding
+            .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("clustered message {message_id} has no embedding"))))?
+            .to_vec();
+        let now = Utc::now();
+
+        #[derive(FromQueryResult)]
+        struct Centroid {
+            centroid: PgVector,
+        }
+        let mut centroid =
+            Centroid::find_by_statement(stmt("SELECT centroid FROM clusters WHERE id = $1", [cluster_id.into()]))
+                .one(&tx)
+                .await?
+                .ok_or(RepoError::NotFound)?
+                .centroid
+                .to_vec();
+        let size = cluster.size - 1;
+        vector::centroid_remove(&mut centroid, size as usize, &embedding);
+        // The label follows the members: when it was the leaving message's
+        // text, the oldest remaining member's text replaces it.
+        let sql = format!(
+            "UPDATE clusters SET size = $2, centroid = $3, updated_at = $4,
+                 label = CASE WHEN label = $5 THEN COALESCE(
+                     (SELECT text FROM messages WHERE cluster_id = $1 AND id <> $6 ORDER BY id LIMIT 1), label)
+                   ELSE label END
+             WHERE id = $1 RETURNING {CLUSTER_COLUMNS}"
+        );
+        let left = ClusterRow::find_by_statement(stmt(
+            &sql,
+            [
+                cluster_id.into(),
+                size.into(),
+                PgVector::from(centroid).into(),
+                now.into(),
+                member.row.text.clone().into(),
+                message_id.into(),
+            ],
+        ))
+        .one(&tx)
+        .await?
+        .ok_or(RepoError::NotFound)?
+        .view();
+
+        let sql = format!(
+            "INSERT INTO clusters (id, creator_id, status, size, label, centroid, created_at, updated_at)
+             VALUES ($1, $2, 'open', 1, $3, $4, $5, $5) RETURNING {CLUSTER_COLUMNS}"
+        );
+        let singleton = ClusterRow::find_by_statement(stmt(
+            &sql,
+            [
+                Uuid::now_v7().into(),
+                left.creator_id.clone().into(),
+                member.row.text.clone().into(),
+                PgVector::from(embedding).into(),
+                now.into(),
+            ],
+        ))
+        .one(&tx)
+        .await?
+        .ok_or_else(|| RepoError::Db(DbErr::Custom("cluster insert returned no row".into())))?
+        .view();
+        use sea_orm::ConnectionTrait;
+        tx.execute_raw(stmt(
+            "UPDATE messages SET cluster_id = $2 WHERE id = $1",
+            [message_id.into(), singleton.id.into()],
+        ))
+        .await?;
+        let mut message = member.row.view();
+        message.cluster_id = Some(singleton.id);
+
+        let draft = Draft {
+            kind: EventKind::MessageRemoved,
+            cluster: left.clone(),
+            message: Some(message.clone()),
+            new_cluster: Some(singleton),
+        };
+        let event = single(events::append(&tx, &left.creator_id, vec![draft], now).await?)?;
+        tx.commit().await?;
+        Ok((RemoveResult { cluster: left, message }, event))
+    }
+
+    /// Opens a transaction on a cluster: finds its creator, takes the
+    /// creator's lock, then reads the cluster again under it.
+    async fn begin_on_cluster(&self, id: Uuid) -> Result<(DatabaseTransaction, ClusterView), RepoError> {
+        let creator_id = self.cluster(id).await?.creator_id;
+        let tx = self.db.begin().await?;
+        lock_creators(&tx, [creator_id.as_str()]).await?;
+        let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1 FOR UPDATE");
+        let cluster =
+            ClusterRow::find_by_statement(stmt(&sql, [id.into()])).one(&tx).await?.ok_or(RepoError::NotFound)?.view();
+        Ok((tx, cluster))
+    }
+}
+
+fn single(mut events: Vec<StoredEvent>) -> Result<StoredEvent, RepoError> {
+    events.pop().ok_or_else(|| RepoError::Db(DbErr::Custom("an event append returned nothing".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let id = Uuid::now_v7();
+        let at = DateTime::from_timestamp_micros(1_764_000_000_123_456).expect("valid timestamp");
+        for c in [Cursor::Recent(at, id), Cursor::Size(42, id), Cursor::Message(id)] {
+            assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        }
+        assert_eq!(Cursor::decode("not a cursor"), None);
+        assert_eq!(Cursor::decode(&URL_SAFE_NO_PAD.encode("s|x|y")), None);
+    }
+}

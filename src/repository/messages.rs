@@ -1,0 +1,254 @@
+//! Messages: group insert with idempotency, reads, the embedding write, and
+//! the search for unfinished work.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, TransactionTrait, Value, prelude::Json, sea_query::ArrayType};
+use uuid::Uuid;
+
+use super::{RepoError, Repository, stmt, uuid_array};
+use crate::{
+    domain::validate::NewMessage,
+    entities::message,
+    protocol::{IngestResult, MessageStatus, MessageView},
+};
+
+/// The columns of a message as the API shows it (never the embedding).
+pub(super) const MESSAGE_COLUMNS: &str =
+    "id, creator_id, external_id, text, visitor, status, cluster_id, sent_at, received_at, error";
+
+/// A row of [`MESSAGE_COLUMNS`].
+#[derive(Debug, FromQueryResult)]
+pub(super) struct MessageRow {
+    pub id: Uuid,
+    pub creator_id: String,
+    pub external_id: Option<String>,
+    pub text: String,
+    pub visitor: Option<Json>,
+    pub status: String,
+    pub cluster_id: Option<Uuid>,
+    pub sent_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub error: Option<String>,
+}
+
+impl MessageRow {
+    pub fn view(self) -> MessageView {
+        message::view(
+            self.id,
+            &self.creator_id,
+            self.external_id,
+            &self.text,
+            self.visitor,
+            &self.status,
+            self.cluster_id,
+            self.sent_at,
+            self.received_at,
+            self.error,
+        )
+    }
+}
+
+/// What became of one message of a group insert.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InsertOutcome {
+    /// Stored now, as `pending`.
+    Inserted(IngestResult),
+    /// Its `external_id` was already taken: the first message's state.
+    Duplicate(IngestResult),
+}
+
+impl InsertOutcome {
+    pub fn result(&self) -> &IngestResult {
+        match self {
+            Self::Inserted(r) | Self::Duplicate(r) => r,
+        }
+    }
+}
+
+/// A message whose pipeline did not finish: `pending` or `embedded`.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct Unfinished {
+    pub id: Uuid,
+    pub creator_id: String,
+    pub text: String,
+    pub status: String,
+}
+
+/// The group insert: every message of the group in one statement, through
+/// a JSON recordset so that the statement text (and its prepared plan) is
+/// the same whatever the group size. Conflicting external ids insert
+/// nothing; the caller then reads the existing rows.
+const INSERT_GROUP: &str = r#"
+INSERT INTO messages (id, creator_id, external_id, text, norm_key, visitor, raw_payload,
+                      sent_at, received_at, status)
+SELECT x.id, x.creator_id, x.external_id, x.text, decode(x.norm_key, 'hex'), x.visitor,
+       x.raw_payload, x.sent_at, x.received_at, 'pending'
+FROM jsonb_to_recordset($1::jsonb) AS x(id uuid, creator_id text, external_id text,
+     text text, norm_key text, visitor jsonb, raw_payload jsonb, sent_at timestamptz,
+     received_at timestamptz, ord bigint)
+ORDER BY x.ord
+ON CONFLICT (creator_id, external_id) DO NOTHING
+RETURNING id
+"#;
+
+const SELECT_BY_EXTERNAL_IDS: &str = r#"
+SELECT m.id, m.creator_id, m.external_id, m.status, m.cluster_id
+FROM unnest($1::text[], $2::text[]) AS k(creator_id, external_id)
+JOIN messages m ON m.creator_id = k.creator_id AND m.external_id = k.external_id
+"#;
+
+#[derive(Debug, FromQueryResult)]
+struct ExistingRow {
+    id: Uuid,
+    creator_id: String,
+    external_id: Option<String>,
+    status: String,
+    cluster_id: Option<Uuid>,
+}
+
+/// The embedding write of a batch: vectors travel as one flat `real[]`
+/// (row i is the slice [(i-1)*D+1, i*D]); only `pending` rows change, so a
+/// message embedded twice (after a restart, say) is written once.
+const MARK_EMBEDDED: &str = r#"
+UPDATE messages m
+SET embedding = (($2::real[])[(v.ord - 1) * $3 + 1 : v.ord * $3])::vector,
+    status = 'embedded'
+FROM unnest($1::uuid[]) WITH ORDINALITY AS v(id, ord)
+WHERE m.id = v.id AND m.status = 'pending'
+RETURNING m.id, m.creator_id
+"#;
+
+/// Unfinished work, oldest first (the recovery sweep).
+pub const UNFINISHED: &str = r#"
+SELECT id, creator_id, text, status FROM messages
+WHERE status IN ('pending', 'embedded') AND received_at <= $1
+ORDER BY received_at
+LIMIT $2
+"#;
+
+/// A message newly embedded, ready for clustering.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct EmbeddedRow {
+    pub id: Uuid,
+    pub creator_id: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+impl Repository {
+    /// Stores a group of validated messages in one transaction (one fsync)
+    /// and tells, per message in order, whether it is new or a duplicate.
+    #[tracing::instrument(skip_all, fields(n = group.len()))]
+    pub async fn insert_messages(&self, group: &[NewMessage]) -> Result<Vec<InsertOutcome>, RepoError> {
+        let rows: Vec<serde_json::Value> = group
+            .iter()
+            .enumerate()
+            .map(|(ord, m)| {
+                serde_json::json!({
+                    "ord": ord,
+                    "id": m.id,
+                    "creator_id": m.creator_id,
+                    "external_id": m.external_id,
+                    "text": m.text,
+                    "norm_key": hex(&m.norm_key),
+                    "visitor": m.visitor,
+                    "raw_payload": m.raw_payload,
+                    "sent_at": m.sent_at,
+                    "received_at": m.received_at,
+                })
+            })
+            .collect();
+        let tx = self.db.begin().await?;
+        let inserted: std::collections::HashSet<Uuid> = tx
+            .query_all_raw(stmt(INSERT_GROUP, [Value::Json(Some(Box::new(rows.into())))]))
+            .await?
+            .iter()
+            .map(|row| row.try_get::<Uuid>("", "id"))
+            .collect::<Result<_, DbErr>>()?;
+
+        let duplicates: Vec<&NewMessage> = group.iter().filter(|m| !inserted.contains(&m.id)).collect();
+        let mut existing = std::collections::HashMap::new();
+        if !duplicates.is_empty() {
+            let creators = super::text_array(duplicates.iter().map(|m| m.creator_id.clone()));
+            let externals = super::text_array(
+                // Only messages with an external id can conflict.
+                duplicates.iter().map(|m| m.external_id.clone().unwrap_or_default()),
+            );
+            for row in
+                ExistingRow::find_by_statement(stmt(SELECT_BY_EXTERNAL_IDS, [creators, externals])).all(&tx).await?
+            {
+                existing.insert((row.creator_id.clone(), row.external_id.clone()), row);
+            }
+        }
+        tx.commit().await?;
+
+        group
+            .iter()
+            .map(|m| {
+                if inserted.contains(&m.id) {
+                    return Ok(InsertOutcome::Inserted(IngestResult {
+                        message_id: m.id,
+                        status: MessageStatus::Pending,
+                        cluster_id: None,
+                        duplicate: false,
+                    }));
+                }
+                let row = existing.get(&(m.creator_id.clone(), m.external_id.clone())).ok_or_else(|| {
+                    RepoError::Db(DbErr::Custom(format!("message {} was neither inserted nor found", m.id)))
+                })?;
+                Ok(InsertOutcome::Duplicate(IngestResult {
+                    message_id: row.id,
+                    status: MessageStatus::parse(&row.status).unwrap_or(MessageStatus::Pending),
+                    cluster_id: row.cluster_id,
+                    duplicate: true,
+                }))
+            })
+            .collect()
+    }
+
+    #[tracing::instrument(skip(self))]
+    pub async fn message(&self, id: Uuid) -> Result<MessageView, RepoError> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1");
+        MessageRow::find_by_statement(stmt(&sql, [id.into()]))
+            .one(&self.db)
+            .await?
+            .map(MessageRow::view)
+            .ok_or(RepoError::NotFound)
+    }
+
+    /// Stores the embeddings of a batch and marks those messages
+    /// `embedded`; returns the ones that changed (were still `pending`).
+    #[tracing::instrument(skip_all, fields(n = ids.len()))]
+    pub async fn mark_embedded(&self, ids: &[Uuid], vectors: &[Vec<f32>]) -> Result<Vec<EmbeddedRow>, RepoError> {
+        let dimensions = vectors.first().map_or(0, Vec::len);
+        let flat: Vec<Value> = vectors.iter().flatten().map(|x| Value::Float(Some(*x))).collect();
+        let values = [
+            uuid_array(ids.iter().copied()),
+            Value::Array(ArrayType::Float, Some(Box::new(flat))),
+            (dimensions as i32).into(),
+        ];
+        Ok(EmbeddedRow::find_by_statement(stmt(MARK_EMBEDDED, values)).all(&self.db).await?)
+    }
+
+    /// Messages still `pending` or `embedded` that arrived at or before
+    /// `received_before`, oldest first.
+    #[tracing::instrument(skip(self))]
+    pub async fn unfinished(&self, received_before: DateTime<Utc>, limit: usize) -> Result<Vec<Unfinished>, RepoError> {
+        let values = [received_before.into(), (limit as i64).into()];
+        Ok(Unfinished::find_by_statement(stmt(UNFINISHED, values)).all(&self.db).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_encodes_lower_case() {
+        assert_eq!(super::hex(&[0, 15, 255]), "000fff");
+    }
+}

@@ -1,0 +1,236 @@
+//! Typed settings, loaded once at start from layered configuration: the
+//! compiled-in defaults (`config/default.toml`), then the optional files
+//! `$CLUSTERD_CONFIG_DIR/default.toml` and `$CLUSTERD_CONFIG_DIR/$CLUSTERD_ENV.toml`,
+//! then `CLUSTERD__SECTION__KEY` environment variables.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The defaults, compiled in so that the binary needs no files to run.
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub embedder: EmbedderSettings,
+    pub ingest: IngestSettings,
+    pub clustering: ClusteringSettings,
+    pub index: IndexSettings,
+    pub recovery: RecoverySettings,
+    pub limits: Limits,
+    pub ws: WsSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub bind: SocketAddr,
+    /// 0: one worker per CPU core.
+    pub workers: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// May carry a password, so it never prints.
+    pub url: SecretString,
+    pub min_connections: u32,
+    pub max_connections: u32,
+    pub idle_timeout_secs: u64,
+    pub connect_timeout_secs: u64,
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbedderProvider {
+    Hash,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbedderSettings {
+    pub provider: EmbedderProvider,
+    pub dimensions: usize,
+    pub batch_size: usize,
+    pub max_wait_ms: u64,
+    pub pool_size: usize,
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IngestSettings {
+    pub pool_size: usize,
+    pub max_group: usize,
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusteringSettings {
+    pub shards: usize,
+    pub max_group: usize,
+    pub queue_capacity: usize,
+    pub trigram_threshold: f32,
+    pub vector_threshold: f32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IndexSettings {
+    pub hnsw_enabled: bool,
+    pub hnsw_m: u32,
+    pub hnsw_ef_construction: u32,
+    pub hnsw_ef_search: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecoverySettings {
+    pub sweep_interval_ms: u64,
+    pub stale_after_ms: u64,
+    pub batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Limits {
+    pub max_text_chars: usize,
+    pub max_body_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WsSettings {
+    pub heartbeat_interval_ms: u64,
+    pub client_timeout_ms: u64,
+    pub subscriber_buffer: usize,
+    pub max_inflight_ingest: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub filter: String,
+}
+
+impl Settings {
+    /// Loads the settings the way the daemon does: compiled-in defaults,
+    /// files from `$CLUSTERD_CONFIG_DIR` (default `config`) for
+    /// `$CLUSTERD_ENV`, then the environment.
+    pub fn load() -> Result<Self, SettingsError> {
+        let dir = std::env::var("CLUSTERD_CONFIG_DIR").unwrap_or_else(|_| "config".into());
+        let env = std::env::var("CLUSTERD_ENV").ok();
+        Self::load_from(Path::new(&dir), env.as_deref())
+    }
+
+    /// Loads the layers from `dir` for the environment `env`, then the
+    /// process environment.
+    pub fn load_from(dir: &Path, env: Option<&str>) -> Result<Self, SettingsError> {
+        let mut builder = Config::builder()
+            .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
+            .add_source(File::from(dir.join("default.toml")).required(false));
+        if let Some(env) = env {
+            builder = builder.add_source(File::from(dir.join(format!("{env}.toml"))).required(false));
+        }
+        let settings: Settings = builder
+            .add_source(Environment::with_prefix("CLUSTERD").prefix_separator("__").separator("__").try_parsing(true))
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |what: &str| Err(SettingsError::Invalid(what.to_owned()));
+        if !(1..=16_000).contains(&self.embedder.dimensions) {
+            return invalid("embedder.dimensions must be between 1 and 16000");
+        }
+        if self.embedder.batch_size == 0 || self.embedder.pool_size == 0 {
+            return invalid("embedder.batch_size and embedder.pool_size must be at least 1");
+        }
+        if self.ingest.pool_size == 0 || self.ingest.max_group == 0 {
+            return invalid("ingest.pool_size and ingest.max_group must be at least 1");
+        }
+        if self.clustering.shards == 0 || self.clustering.max_group == 0 {
+            return invalid("clustering.shards and clustering.max_group must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.clustering.trigram_threshold) {
+            return invalid("clustering.trigram_threshold must be between 0 and 1");
+        }
+        if !(-1.0..=1.0).contains(&self.clustering.vector_threshold) {
+            return invalid("clustering.vector_threshold must be between -1 and 1");
+        }
+        if self.database.min_connections > self.database.max_connections || self.database.max_connections == 0 {
+            return invalid("database.min_connections must not exceed database.max_connections (>= 1)");
+        }
+        if self.limits.max_text_chars == 0 || self.limits.max_batch == 0 {
+            return invalid("limits.max_text_chars and limits.max_batch must be at least 1");
+        }
+        if self.ws.subscriber_buffer == 0 || self.ws.max_inflight_ingest == 0 {
+            return invalid("ws.subscriber_buffer and ws.max_inflight_ingest must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl EmbedderSettings {
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
+
+impl RecoverySettings {
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_millis(self.sweep_interval_ms)
+    }
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_millis(self.stale_after_ms)
+    }
+}
+
+impl WsSettings {
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn client_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let settings = Settings::load_from(Path::new("config"), None).expect("defaults load");
+        assert_eq!(settings.server.bind.port(), 8080);
+        assert_eq!(settings.database.min_connections, 5);
+        assert_eq!(settings.database.max_connections, 20);
+        assert_eq!(settings.database.idle_timeout_secs, 30);
+        assert_eq!(settings.database.connect_timeout_secs, 2);
+        assert_eq!(settings.embedder.provider, EmbedderProvider::Hash);
+        assert_eq!(settings.limits.max_text_chars, 4000);
+    }
+
+    #[test]
+    fn test_layer_overrides_defaults() {
+        let settings = Settings::load_from(Path::new("config"), Some("test")).expect("test config loads");
+        assert_eq!(settings.server.bind.port(), 0);
+        assert_eq!(settings.limits.max_text_chars, 4000, "untouched keys keep their default");
+    }
+
+    #[test]
+    fn database_url_does_not_print() {
+        let settings = Settings::load_from(Path::new("config"), None).expect("defaults load");
+        assert!(!format!("{settings:?}").contains("55432"));
+    }
+}

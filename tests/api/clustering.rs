@@ -1,0 +1,85 @@
+//! The clustering decision, end to end through the API.
+
+use serde_json::json;
+
+use crate::helpers::spawn_app;
+
+#[actix_web::test]
+async fn similar_messages_share_a_cluster_and_unrelated_ones_do_not() {
+    let app = spawn_app().await;
+    let creator = "creator-similar";
+    let price = app.post_message(creator, "How much does the ticket cost?").await;
+    let price_again = app.post_message(creator, "how much does the  TICKET cost?").await; // same normalised text
+    let price_typo = app.post_message(creator, "How much does the tickt cost??").await; // trigram match
+    let merch = app.post_message(creator, "Will you restock the blue hoodie in XL soon").await;
+
+    let price = app.wait_clustered(&price).await;
+    let price_again = app.wait_clustered(&price_again).await;
+    let price_typo = app.wait_clustered(&price_typo).await;
+    let merch = app.wait_clustered(&merch).await;
+
+    assert_eq!(price["cluster_id"], price_again["cluster_id"]);
+    assert_eq!(price["cluster_id"], price_typo["cluster_id"]);
+    assert_ne!(price["cluster_id"], merch["cluster_id"]);
+
+    let (_, list) = app.get(&format!("/v1/creators/{creator}/clusters?sort=size")).await;
+    let clusters = list["clusters"].as_array().expect("a list");
+    assert_eq!(clusters.len(), 2, "{list}");
+    assert_eq!(clusters[0]["size"], 3);
+    assert_eq!(clusters[0]["label"], "How much does the ticket cost?");
+    assert_eq!(clusters[0]["sample_messages"].as_array().map(Vec::len), Some(3));
+    assert_eq!(clusters[1]["size"], 1);
+    assert_eq!(list["next_cursor"], json!(null));
+}
+
+#[actix_web::test]
+async fn creators_never_share_clusters() {
+    let app = spawn_app().await;
+    let a = app.post_message("creator-a", "Where can I buy the tickets?").await;
+    let b = app.post_message("creator-b", "Where can I buy the tickets?").await;
+    let a = app.wait_clustered(&a).await;
+    let b = app.wait_clustered(&b).await;
+    assert_ne!(a["cluster_id"], b["cluster_id"]);
+}
+
+#[actix_web::test]
+async fn listing_pages_with_cursors_and_filters() {
+    let app = spawn_app().await;
+    let creator = "creator-pages";
+    let texts = [
+        "When is the next concert in Paris",
+        "Do you ship merch to Brazil",
+        "Can I get a refund for my ticket",
+        "What camera do you use for your videos",
+        "Is the meet and greet included with VIP",
+    ];
+    for text in texts {
+        let id = app.post_message(creator, text).await;
+        app.wait_clustered(&id).await;
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/creators/{creator}/clusters?limit=2");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (status, page) = app.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        for c in page["clusters"].as_array().expect("a list") {
+            seen.push(c["label"].as_str().expect("a label").to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = texts.iter().rev().map(|t| t.to_string()).collect();
+    assert_eq!(seen, expected, "most recent first, each exactly once");
+    expected.sort();
+
+    let (_, actioned) = app.get(&format!("/v1/creators/{creator}/clusters?status=actioned")).await;
+    assert_eq!(actioned["clusters"], json!([]));
+    let (_, all) = app.get(&format!("/v1/creators/{creator}/clusters?status=all&limit=100")).await;
+    assert_eq!(all["clusters"].as_array().map(Vec::len), Some(5));
+}

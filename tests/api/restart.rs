@@ -1,0 +1,117 @@
+//! The daemon killed with SIGKILL and restarted: every acknowledged message
+//! ends clustered, exactly once. Runs the real binary.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use sea_orm::ConnectionTrait;
+use serde_json::json;
+
+use crate::helpers::{PATIENCE, fresh_database};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+fn start_daemon(db_url: &str, port: u16, extra_env: &[(&str, &str)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_clusterd"));
+    command
+        .arg("serve")
+        .env("CLUSTERD_ENV", "test")
+        .env("CLUSTERD_CONFIG_DIR", "config")
+        .env("CLUSTERD__DATABASE__URL", db_url)
+        .env("CLUSTERD__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(if std::env::var("TEST_LOG").is_ok() { Stdio::inherit() } else { Stdio::null() });
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    command.spawn().expect("the daemon starts")
+}
+
+async fn wait_ready(client: &awc::Client, port: u16) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/readyz")).send().await
+            && response.status() == 200
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the daemon did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_web::test]
+async fn acknowledged_messages_survive_sigkill_and_are_clustered_after_restart() {
+    let db_url = fresh_database().await;
+    let client = awc::Client::default();
+    let port = free_port();
+    // First life: the embedder never flushes, so acknowledged messages stay
+    // `pending`, as if the daemon died right after the acks.
+    let mut daemon = start_daemon(
+        &db_url,
+        port,
+        &[("CLUSTERD__EMBEDDER__BATCH_SIZE", "100000"), ("CLUSTERD__EMBEDDER__MAX_WAIT_MS", "3600000")],
+    );
+    wait_ready(&client, port).await;
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        let body = json!({"creator_id": format!("creator-{}", i % 3), "text": format!("question number {i} about tickets"), "external_id": format!("e{i}")});
+        let mut response =
+            client.post(format!("http://127.0.0.1:{port}/v1/messages")).send_json(&body).await.expect("an answer");
+        assert_eq!(response.status(), 202);
+        let ack: serde_json::Value = response.json().await.expect("an ack");
+        acked.push(ack["message_id"].as_str().expect("an id").to_owned());
+    }
+    daemon.kill().expect("SIGKILL");
+    daemon.wait().expect("the daemon exits");
+
+    let db = sea_orm::Database::connect(&db_url).await.expect("connect");
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
+                .await
+                .expect("query")
+                .expect("a row");
+            row.try_get::<i64>("", "n").expect("a count")
+        }
+    };
+    assert_eq!(count("SELECT count(*) AS n FROM messages WHERE status = 'pending'").await, 40);
+
+    // Second life, normal settings: the start-up sweep resumes the work.
+    let port = free_port();
+    let mut daemon = start_daemon(&db_url, port, &[]);
+    wait_ready(&client, port).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while count("SELECT count(*) AS n FROM messages WHERE status = 'clustered'").await < 40 {
+        assert!(tokio::time::Instant::now() < deadline, "acknowledged messages were not clustered after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.kill().expect("SIGKILL");
+    daemon.wait().expect("the daemon exits");
+
+    assert_eq!(count("SELECT count(*) AS n FROM messages").await, 40, "stored exactly once");
+    assert_eq!(count("SELECT count(*) AS n FROM events").await, 40, "one event per decision");
+    assert_eq!(
+        count("SELECT count(*) AS n FROM (SELECT creator_id FROM events GROUP BY creator_id HAVING max(event_id) <> count(*)) gaps").await,
+        0,
+        "event ids are 1..n per creator"
+    );
+    for id in acked {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) AS n FROM messages WHERE id = $1::uuid AND cluster_id IS NOT NULL",
+                [id.into()],
+            ))
+            .await
+            .expect("query")
+            .expect("a row");
+        assert_eq!(row.try_get::<i64>("", "n").expect("a count"), 1);
+    }
+}
