@@ -52,10 +52,15 @@ pub async fn spawn_app() -> TestApp {
 /// Starts the application on a fresh database, with `tweak` applied to the
 /// test settings.
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_on(&fresh_database().await, tweak).await
+}
+
+/// Starts an application on an existing database (a second instance).
+pub async fn spawn_app_on(db_url: &str, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         clusterd::telemetry::init("info");
     }
-    let db_url = fresh_database().await;
+    let db_url = db_url.to_owned();
     let mut settings = test_settings(&db_url);
     tweak(&mut settings);
     let app = Application::build(settings).await.expect("the application starts");

@@ -6,6 +6,7 @@ mod errors;
 mod events;
 mod helpers;
 mod ingest;
+mod instances;
 mod operations;
 mod plans;
 mod restart;
