@@ -24,7 +24,8 @@ CREATE TABLE clusters (
     status             text NOT NULL CHECK (status IN ('open', 'actioned')),
     size               integer NOT NULL CHECK (size >= 0),
     label              text NOT NULL,
-    -- Mean of the member embeddings (cosine distance ignores its norm).
+    -- Sum of the member embeddings: it points where their mean does (cosine
+    -- distance ignores the norm), and a join or removal is one + or -.
     centroid           vector NOT NULL,
     response_text      text,
     suggested_response text,

@@ -1,8 +1,8 @@
-//! Vector arithmetic of embeddings and cluster centroids.
+//! Vector arithmetic of embeddings.
 //!
-//! A centroid is the mean of its members' embeddings. Cosine similarity
-//! ignores its norm, so the mean is kept as is (not re-normalised), which
-//! keeps incremental joins and removals exact.
+//! (A cluster's centroid is kept in the database as the sum of its members'
+//! embeddings: cosine similarity ignores the norm, so the sum points where
+//! the mean does, and a join or a removal is one `+` or `-` in SQL.)
 
 /// L2-normalises `v` in place; a zero vector stays zero.
 pub fn normalise(v: &mut [f32]) {
@@ -23,39 +23,12 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     if na == 0.0 || nb == 0.0 { 0.0 } else { dot / (na.sqrt() * nb.sqrt()) }
 }
 
-/// The mean of `size` members after `member` joins (`size` counts it).
-pub fn centroid_add(centroid: &mut [f32], size_after: usize, member: &[f32]) {
-    let n = size_after as f32;
-    for (c, m) in centroid.iter_mut().zip(member) {
-        *c += (m - *c) / n;
-    }
-}
-
-/// The mean of the members left after `member` leaves (`size_after` >= 1).
-pub fn centroid_remove(centroid: &mut [f32], size_after: usize, member: &[f32]) {
-    let n = size_after as f32;
-    for (c, m) in centroid.iter_mut().zip(member) {
-        *c = (*c * (n + 1.0) - m) / n;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn close(a: &[f32], b: &[f32]) -> bool {
         a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
-    }
-
-    #[test]
-    fn incremental_mean_matches_batch_mean() {
-        let members = [[1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [3.0, 3.0, 1.0]];
-        let mut c = members[0].to_vec();
-        centroid_add(&mut c, 2, &members[1]);
-        centroid_add(&mut c, 3, &members[2]);
-        assert!(close(&c, &[4.0 / 3.0, 4.0 / 3.0, 1.0]));
-        centroid_remove(&mut c, 2, &members[1]);
-        assert!(close(&c, &[2.0, 1.5, 1.5]));
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub struct Model {
     pub status: String,
     pub size: i32,
     pub label: String,
-    /// Mean of the member embeddings.
+    /// Sum of the member embeddings (the direction of their mean).
     pub centroid: PgVector,
     pub response_text: Option<String>,
     pub suggested_response: Option<String>,

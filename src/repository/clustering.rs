@@ -16,7 +16,7 @@ use super::{
     messages::MessageRow,
     stmt, uuid_array,
 };
-use crate::{domain::vector, protocol::EventKind};
+use crate::protocol::EventKind;
 
 /// The thresholds of the decision.
 #[derive(Debug, Clone, Copy)]
@@ -105,12 +105,6 @@ impl Candidates {
     }
 }
 
-#[derive(Debug, FromQueryResult)]
-struct CentroidRow {
-    size: i32,
-    centroid: PgVector,
-}
-
 impl Repository {
     /// Clusters the given messages (those still `embedded`; others are
     /// skipped: another worker got there first), in arrival order, in one
@@ -189,22 +183,13 @@ async fn decide_one(
 
     let (kind, cluster) = match candidates.decide(&params) {
         Decision::Join(cluster_id) => {
-            let current = CentroidRow::find_by_statement(stmt(
-                "SELECT size, centroid FROM clusters WHERE id = $1",
-                [cluster_id.into()],
-            ))
-            .one(tx)
-            .await?
-            .ok_or_else(|| DbErr::Custom(format!("cluster {cluster_id} vanished under its creator's lock")))?;
-            let size = current.size + 1;
-            let mut centroid = current.centroid.to_vec();
-            vector::centroid_add(&mut centroid, size as usize, &embedding);
             let sql = format!(
-                "UPDATE clusters SET size = $2, centroid = $3, updated_at = $4 WHERE id = $1 RETURNING {CLUSTER_COLUMNS}"
+                "UPDATE clusters SET size = size + 1, centroid = centroid + $2, updated_at = $3
+                 WHERE id = $1 RETURNING {CLUSTER_COLUMNS}"
             );
             let cluster = ClusterRow::find_by_statement(stmt(
                 &sql,
-                [cluster_id.into(), size.into(), PgVector::from(centroid).into(), now.into()],
+                [cluster_id.into(), PgVector::from(embedding).into(), now.into()],
             ))
             .one(tx)
             .await?

@@ -13,10 +13,7 @@ use super::{
     messages::{MESSAGE_COLUMNS, MessageRow},
     stmt, uuid_array,
 };
-use crate::{
-    domain::vector,
-    protocol::{ClusterDetail, ClusterList, ClusterStatus, ClusterView, EventKind, MessageView, RemoveResult},
-};
+use crate::protocol::{ClusterDetail, ClusterList, ClusterStatus, ClusterView, EventKind, MessageView, RemoveResult};
 
 /// The columns of a cluster as the API shows it (never the centroid).
 pub(super) const CLUSTER_COLUMNS: &str =
@@ -293,26 +290,12 @@ impl Repository {
             .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("clustered message {message_id} has no embedding"))))?
             .to_vec();
         let now = Utc::now();
-
-        #[derive(FromQueryResult)]
-        struct Centroid {
-            centroid: PgVector,
-        }
-        let mut centroid =
-            Centroid::find_by_statement(stmt("SELECT centroid FROM clusters WHERE id = $1", [cluster_id.into()]))
-                .one(&tx)
-                .await?
-                .ok_or(RepoError::NotFound)?
-                .centroid
-                .to_vec();
-        let size = cluster.size - 1;
-        vector::centroid_remove(&mut centroid, size as usize, &embedding);
         // The label follows the members: when it was the leaving message's
         // text, the oldest remaining member's text replaces it.
         let sql = format!(
-            "UPDATE clusters SET size = $2, centroid = $3, updated_at = $4,
-                 label = CASE WHEN label = $5 THEN COALESCE(
-                     (SELECT text FROM messages WHERE cluster_id = $1 AND id <> $6 ORDER BY id LIMIT 1), label)
+            "UPDATE clusters SET size = size - 1, centroid = centroid - $2, updated_at = $3,
+                 label = CASE WHEN label = $4 THEN COALESCE(
+                     (SELECT text FROM messages WHERE cluster_id = $1 AND id <> $5 ORDER BY id LIMIT 1), label)
                    ELSE label END
              WHERE id = $1 RETURNING {CLUSTER_COLUMNS}"
         );
@@ -320,8 +303,7 @@ impl Repository {
             &sql,
             [
                 cluster_id.into(),
-                size.into(),
-                PgVector::from(centroid).into(),
+                PgVector::from(embedding.clone()).into(),
                 now.into(),
                 member.row.text.clone().into(),
                 message_id.into(),
