@@ -236,6 +236,18 @@ impl Repository {
         Ok(EmbeddedRow::find_by_statement(stmt(MARK_EMBEDDED, values)).all(&self.db).await?)
     }
 
+    /// Marks an unfinished message `failed` with the error that stopped it.
+    #[tracing::instrument(skip(self))]
+    pub async fn mark_failed(&self, id: Uuid, error: &str) -> Result<(), RepoError> {
+        self.db
+            .execute_raw(stmt(
+                "UPDATE messages SET status = 'failed', error = $2 WHERE id = $1 AND status IN ('pending', 'embedded')",
+                [id.into(), error.into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
     /// Messages still `pending` or `embedded` that arrived at or before
     /// `received_before`, oldest first.
     #[tracing::instrument(skip(self))]

@@ -1,5 +1,6 @@
 //! The clustering decision, end to end through the API.
 
+use sea_orm::ConnectionTrait;
 use serde_json::json;
 
 use crate::helpers::spawn_app;
@@ -82,4 +83,38 @@ async fn listing_pages_with_cursors_and_filters() {
     assert_eq!(actioned["clusters"], json!([]));
     let (_, all) = app.get(&format!("/v1/creators/{creator}/clusters?status=all&limit=100")).await;
     assert_eq!(all["clusters"].as_array().map(Vec::len), Some(5));
+}
+
+#[actix_web::test]
+async fn a_message_that_cannot_be_clustered_fails_alone_and_visibly() {
+    let app = spawn_app().await;
+    // Embedded rows left by an earlier life (received an hour ago, so the
+    // recovery sweep takes them together in one group); one is corrupt: it
+    // claims to be embedded but has no embedding.
+    app.db
+        .execute_unprepared(
+            "INSERT INTO messages (id, creator_id, text, norm_key, sent_at, received_at, status, embedding)
+             SELECT gen_random_uuid(), 'creator-poison', 'good message ' || g, sha256(('good message ' || g)::bytea),
+                    now(), now() - interval '1 hour', 'embedded', array_fill(0.1::real, ARRAY[384])::vector
+             FROM generate_series(1, 4) AS g;
+             INSERT INTO messages (id, creator_id, text, norm_key, sent_at, received_at, status)
+             VALUES ('0190b5a0-0000-7000-8000-00000000bad0', 'creator-poison', 'corrupt', sha256('corrupt'::bytea),
+                     now(), now() - interval '1 hour', 'embedded');",
+        )
+        .await
+        .expect("insert leftovers");
+    let deadline = tokio::time::Instant::now() + crate::helpers::PATIENCE;
+    let failed = loop {
+        let (_, message) = app.get("/v1/messages/0190b5a0-0000-7000-8000-00000000bad0").await;
+        if message["status"] == "failed" {
+            break message;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the corrupt message did not fail: {message}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(failed["error"].as_str().is_some_and(|e| e.contains("no embedding")), "{failed}");
+    assert_eq!(failed["cluster_id"], json!(null));
+    assert_eq!(app.count("messages", "creator_id = 'creator-poison' AND status = 'clustered'").await, 4);
+    let id = app.post_message("creator-poison", "and life goes on").await;
+    app.wait_clustered(&id).await;
 }

@@ -6,6 +6,9 @@
 //!
 //! A shard decides everything queued (up to `clustering.max_group`) in one
 //! transaction, then publishes the resulting events to the broadcaster.
+//! When a group fails for a reason other than the database being away, its
+//! messages are decided one by one, and a message that fails alone is
+//! marked `failed` with the error: one bad message never holds up others.
 
 use std::{
     collections::VecDeque,
@@ -21,7 +24,7 @@ use crate::{
     actors::broadcaster::{Broadcaster, Publish},
     metrics::Metrics,
     protocol::EventKind,
-    repository::{ClusterParams, Repository},
+    repository::{ClusterParams, RepoError, Repository, StoredEvent},
     settings::ClusteringSettings,
 };
 
@@ -76,6 +79,8 @@ pub struct ClusteringShard {
     settings: ClusteringSettings,
     metrics: Arc<Metrics>,
     queue: VecDeque<ClusterItem>,
+    /// Messages of a failed group, to be decided one per transaction.
+    isolated: VecDeque<ClusterItem>,
     busy: bool,
 }
 
@@ -86,46 +91,77 @@ impl ClusteringShard {
         settings: ClusteringSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { repo, broadcaster, settings, metrics, queue: VecDeque::new(), busy: false }
+        Self { repo, broadcaster, settings, metrics, queue: VecDeque::new(), isolated: VecDeque::new(), busy: false }
     }
 
     fn decide_queued(&mut self, ctx: &mut Context<Self>) {
-        self.metrics.cluster_queue.set(self.queue.len() as i64);
-        if self.busy || self.queue.is_empty() {
+        self.metrics.cluster_queue.set((self.queue.len() + self.isolated.len()) as i64);
+        if self.busy {
+            return;
+        }
+        let group: Vec<ClusterItem> = match self.isolated.pop_front() {
+            Some(item) => vec![item],
+            None => {
+                let n = self.queue.len().min(self.settings.max_group);
+                self.queue.drain(..n).collect()
+            }
+        };
+        if group.is_empty() {
             return;
         }
         self.busy = true;
-        let n = self.queue.len().min(self.settings.max_group);
-        let group: Vec<(Uuid, String)> = self.queue.drain(..n).map(|i| (i.id, i.creator_id)).collect();
         let params = ClusterParams {
             trigram_threshold: self.settings.trigram_threshold,
             vector_threshold: self.settings.vector_threshold,
         };
         let repo = self.repo.clone();
         let started = Instant::now();
-        let work = async move { repo.cluster_messages(&group, params).await };
+        let ids: Vec<(Uuid, String)> = group.iter().map(|i| (i.id, i.creator_id.clone())).collect();
+        let work = async move { repo.cluster_messages(&ids, params).await };
         ctx.spawn(work.into_actor(self).map(move |result, act, ctx| {
             act.busy = false;
             act.metrics.cluster_commit_seconds.observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(events) => {
-                    act.metrics.messages_clustered.inc_by(events.len() as u64);
-                    for event in &events {
-                        let outcome = if event.kind == EventKind::ClusterCreated { "created" } else { "joined" };
-                        act.metrics.cluster_decisions.with_label_values(&[outcome]).inc();
-                    }
-                    if !events.is_empty() {
-                        act.broadcaster.do_send(Publish { events });
-                    }
-                }
-                Err(error) => {
+                Ok(events) => act.published(events),
+                Err(RepoError::Unavailable(error)) => {
                     // The group stays `embedded`; the recovery sweep retries it.
                     act.metrics.pipeline_errors.with_label_values(&["cluster"]).inc();
-                    tracing::warn!(%error, "clustering transaction failed; it will be retried");
+                    tracing::warn!(%error, "clustering deferred: database unavailable");
                 }
+                Err(error) if group.len() > 1 => {
+                    tracing::warn!(%error, n = group.len(), "clustering group failed; deciding its messages one by one");
+                    act.isolated.extend(group);
+                }
+                Err(error) => act.fail(ctx, &group[0], error.to_string()),
             }
             act.decide_queued(ctx);
         }));
+    }
+
+    fn published(&mut self, events: Vec<StoredEvent>) {
+        self.metrics.messages_clustered.inc_by(events.len() as u64);
+        for event in &events {
+            let outcome = if event.kind == EventKind::ClusterCreated { "created" } else { "joined" };
+            self.metrics.cluster_decisions.with_label_values(&[outcome]).inc();
+        }
+        if !events.is_empty() {
+            self.broadcaster.do_send(Publish { events });
+        }
+    }
+
+    /// Marks a message that cannot be clustered as `failed`, with the error.
+    fn fail(&mut self, ctx: &mut Context<Self>, item: &ClusterItem, error: String) {
+        tracing::error!(message_id = %item.id, %error, "message cannot be clustered; marking it failed");
+        self.metrics.pipeline_errors.with_label_values(&["cluster"]).inc();
+        let (repo, id) = (self.repo.clone(), item.id);
+        ctx.spawn(
+            async move {
+                if let Err(e) = repo.mark_failed(id, &error).await {
+                    tracing::warn!(message_id = %id, error = %e, "could not mark the message failed; the sweep retries it");
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 
@@ -137,6 +173,7 @@ impl Supervised for ClusteringShard {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         // Queued messages are `embedded` in the database: the sweep finds them.
         self.queue.clear();
+        self.isolated.clear();
         self.busy = false;
     }
 }
