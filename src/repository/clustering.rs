@@ -148,10 +148,7 @@ impl Repository {
             ))
             .await?;
         }
-        let mut published = Vec::new();
-        for (creator_id, drafts) in drafts {
-            published.extend(events::append(&tx, &creator_id, drafts, now).await?);
-        }
+        let published = events::append(&tx, drafts, now).await?;
         tx.commit().await?;
         Ok(published)
     }

@@ -253,7 +253,7 @@ impl Repository {
             .view();
         let draft =
             Draft { kind: EventKind::ClusterActioned, cluster: cluster.clone(), message: None, new_cluster: None };
-        let event = single(events::append(&tx, &cluster.creator_id, vec![draft], now).await?)?;
+        let event = single(events::append(&tx, [(cluster.creator_id.clone(), vec![draft])].into(), now).await?)?;
         tx.commit().await?;
         Ok((cluster, event))
     }
@@ -347,7 +347,7 @@ impl Repository {
             message: Some(message.clone()),
             new_cluster: Some(singleton),
         };
-        let event = single(events::append(&tx, &left.creator_id, vec![draft], now).await?)?;
+        let event = single(events::append(&tx, [(left.creator_id.clone(), vec![draft])].into(), now).await?)?;
         tx.commit().await?;
         Ok((RemoveResult { cluster: left, message }, event))
     }

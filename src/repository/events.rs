@@ -1,7 +1,10 @@
 //! The per-creator event log: appending (inside the transaction that made
 //! the change, under the creator's lock) and reading ranges for replay.
 
-use std::sync::Arc;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Value, sea_query::ArrayType};
@@ -28,63 +31,69 @@ pub(super) struct Draft {
     pub new_cluster: Option<ClusterView>,
 }
 
-/// Appends one creator's drafts, in order, with consecutive ids. Must run
-/// inside a transaction that holds the creator's advisory lock.
+/// Appends each creator's drafts, in order, with consecutive ids: one
+/// statement for the counters of every creator, one for every event. Must
+/// run inside a transaction that holds the creators' advisory locks.
 pub(super) async fn append(
     tx: &DatabaseTransaction,
-    creator_id: &str,
-    drafts: Vec<Draft>,
+    drafts: BTreeMap<String, Vec<Draft>>,
     at: DateTime<Utc>,
 ) -> Result<Vec<StoredEvent>, DbErr> {
+    let drafts: Vec<(String, Vec<Draft>)> = drafts.into_iter().filter(|(_, d)| !d.is_empty()).collect();
     if drafts.is_empty() {
         return Ok(Vec::new());
     }
-    let n = drafts.len() as i64;
-    let last: i64 = tx
-        .query_one_raw(stmt(
-            "INSERT INTO creators (creator_id, last_event_id) VALUES ($1, $2)
+    let counters: HashMap<String, i64> = tx
+        .query_all_raw(stmt(
+            "INSERT INTO creators (creator_id, last_event_id)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
              ON CONFLICT (creator_id) DO UPDATE SET last_event_id = creators.last_event_id + EXCLUDED.last_event_id
-             RETURNING last_event_id",
-            [creator_id.into(), n.into()],
+             RETURNING creator_id, last_event_id",
+            [
+                text_array(drafts.iter().map(|(c, _)| c.clone())),
+                bigint_array(drafts.iter().map(|(_, d)| d.len() as i64)),
+            ],
         ))
         .await?
-        .ok_or_else(|| DbErr::Custom("the event counter upsert returned no row".into()))?
-        .try_get("", "last_event_id")?;
-    let first = last - n + 1;
+        .iter()
+        .map(|row| Ok((row.try_get("", "creator_id")?, row.try_get("", "last_event_id")?)))
+        .collect::<Result<_, DbErr>>()?;
 
-    let creator: Arc<str> = creator_id.into();
-    let mut events = Vec::with_capacity(drafts.len());
-    let mut kinds = Vec::with_capacity(drafts.len());
-    let mut payloads = Vec::with_capacity(drafts.len());
-    for (event_id, draft) in (first..).zip(drafts) {
-        let draft_kind = draft.kind;
-        let frame = EventFrame {
-            frame_type: EventTag::Event,
-            event_id,
-            creator_id: creator_id.to_owned(),
-            event: draft.kind,
-            cluster: draft.cluster,
-            message: draft.message,
-            new_cluster: draft.new_cluster,
-            at,
-        };
-        let json = serde_json::to_value(&frame).map_err(|e| DbErr::Json(e.to_string()))?;
-        kinds.push(draft.kind.as_str());
-        events.push(StoredEvent {
-            creator_id: creator.clone(),
-            event_id,
-            kind: draft_kind,
-            frame: json.to_string().into(),
-        });
-        payloads.push(Value::Json(Some(Box::new(json))));
+    let mut events = Vec::new();
+    let (mut creators, mut ids, mut kinds, mut payloads) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (creator_id, drafts) in drafts {
+        let last = *counters
+            .get(&creator_id)
+            .ok_or_else(|| DbErr::Custom(format!("no event counter returned for {creator_id}")))?;
+        let first = last - drafts.len() as i64 + 1;
+        let creator: Arc<str> = creator_id.as_str().into();
+        for (event_id, draft) in (first..).zip(drafts) {
+            let kind = draft.kind;
+            let frame = EventFrame {
+                frame_type: EventTag::Event,
+                event_id,
+                creator_id: creator_id.clone(),
+                event: kind,
+                cluster: draft.cluster,
+                message: draft.message,
+                new_cluster: draft.new_cluster,
+                at,
+            };
+            let json = serde_json::to_value(&frame).map_err(|e| DbErr::Json(e.to_string()))?;
+            events.push(StoredEvent { creator_id: creator.clone(), event_id, kind, frame: json.to_string().into() });
+            creators.push(creator_id.clone());
+            ids.push(event_id);
+            kinds.push(kind.as_str());
+            payloads.push(Value::Json(Some(Box::new(json))));
+        }
     }
     tx.execute_raw(stmt(
         "INSERT INTO events (creator_id, event_id, kind, payload, created_at)
-         SELECT $1, $2 + k.ord - 1, k.kind, k.payload, $5
-         FROM unnest($3::text[], $4::jsonb[]) WITH ORDINALITY AS k(kind, payload, ord)",
+         SELECT e.creator_id, e.event_id, e.kind, e.payload, $5
+         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[]) AS e(creator_id, event_id, kind, payload)",
         [
-            creator_id.into(),
-            first.into(),
+            text_array(creators),
+            bigint_array(ids),
             text_array(kinds),
             Value::Array(ArrayType::Json, Some(Box::new(payloads))),
             at.into(),
@@ -92,6 +101,10 @@ pub(super) async fn append(
     ))
     .await?;
     Ok(events)
+}
+
+fn bigint_array(items: impl IntoIterator<Item = i64>) -> Value {
+    Value::Array(ArrayType::BigInt, Some(Box::new(items.into_iter().map(|i| Value::BigInt(Some(i))).collect())))
 }
 
 #[derive(Debug, FromQueryResult)]

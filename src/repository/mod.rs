@@ -103,7 +103,8 @@ fn creator_lock_key(creator_id: &str) -> i64 {
 }
 
 /// Takes the advisory transaction locks of `creators` in a global order, so
-/// that two transactions locking overlapping sets cannot deadlock.
+/// that two transactions locking overlapping sets cannot deadlock: one
+/// statement, locking in the order its sorted subquery yields the keys.
 async fn lock_creators<'a>(
     tx: &sea_orm::DatabaseTransaction,
     creators: impl IntoIterator<Item = &'a str>,
@@ -112,9 +113,15 @@ async fn lock_creators<'a>(
     let mut keys: Vec<i64> = creators.into_iter().map(creator_lock_key).collect();
     keys.sort_unstable();
     keys.dedup();
-    for key in keys {
-        tx.execute_raw(stmt("SELECT pg_advisory_xact_lock($1)", [key.into()])).await?;
-    }
+    let keys = Value::Array(
+        sea_orm::sea_query::ArrayType::BigInt,
+        Some(Box::new(keys.into_iter().map(|k| Value::BigInt(Some(k))).collect())),
+    );
+    tx.execute_raw(stmt(
+        "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) AS sorted",
+        [keys],
+    ))
+    .await?;
     Ok(())
 }
 
