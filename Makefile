@@ -29,6 +29,8 @@ run: stack-up
 	$(WITH_STACK_ENV) cargo run --release --bin clusterd -- serve
 
 test: stack-up
+	@# Databases left by earlier test runs (each test makes its own).
+	$(STACK) psql -qtAc "SELECT 'DROP DATABASE ' || quote_ident(datname) || ' WITH (FORCE);' FROM pg_database WHERE datname LIKE 'clusterd_test_%'" | $(STACK) psql -q >/dev/null
 	cargo fmt --all -- --check
 	$(WITH_STACK_ENV) cargo clippy --workspace --all-targets -- -D warnings
 	$(WITH_STACK_ENV) if cargo nextest --version >/dev/null 2>&1; then \
