@@ -57,3 +57,11 @@ stack-down:
 
 stack-status:
 	$(STACK) status
+
+# Load test against a fresh daemon and database (loadtest/bench.sh; see
+# BENCHMARKS.md), e.g. make loadtest LOADTEST_ARGS="--rate 500 --duration 20"
+LOADTEST_ARGS ?= --duration 20
+.PHONY: loadtest
+loadtest: stack-up
+	cargo build --release -p clusterd -p loadtest
+	loadtest/bench.sh $(LOADTEST_ARGS)

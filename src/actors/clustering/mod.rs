@@ -82,6 +82,8 @@ pub struct ClusteringShard {
     /// Messages of a failed group, to be decided one per transaction.
     isolated: VecDeque<ClusterItem>,
     busy: bool,
+    /// This shard's share of the queue gauge, which all shards add to.
+    reported_queue: i64,
 }
 
 impl ClusteringShard {
@@ -91,11 +93,22 @@ impl ClusteringShard {
         settings: ClusteringSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { repo, broadcaster, settings, metrics, queue: VecDeque::new(), isolated: VecDeque::new(), busy: false }
+        Self {
+            repo,
+            broadcaster,
+            settings,
+            metrics,
+            queue: VecDeque::new(),
+            isolated: VecDeque::new(),
+            busy: false,
+            reported_queue: 0,
+        }
     }
 
     fn decide_queued(&mut self, ctx: &mut Context<Self>) {
-        self.metrics.cluster_queue.set((self.queue.len() + self.isolated.len()) as i64);
+        let queued = (self.queue.len() + self.isolated.len()) as i64;
+        self.metrics.cluster_queue.add(queued - self.reported_queue);
+        self.reported_queue = queued;
         if self.busy {
             return;
         }
