@@ -2,8 +2,6 @@
 
 use sea_orm::entity::prelude::*;
 
-use crate::protocol::{ClusterStatus, ClusterView};
-
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(table_name = "clusters")]
 pub struct Model {
@@ -36,22 +34,3 @@ impl Related<super::message::Entity> for Entity {
 }
 
 impl ActiveModelBehavior for ActiveModel {}
-
-impl Model {
-    pub fn view(&self) -> ClusterView {
-        ClusterView {
-            id: self.id,
-            creator_id: self.creator_id.clone(),
-            // The schema's CHECK constraint admits only the two statuses.
-            status: ClusterStatus::parse(&self.status).unwrap_or(ClusterStatus::Open),
-            size: self.size,
-            label: self.label.clone(),
-            response_text: self.response_text.clone(),
-            suggested_response: self.suggested_response.clone(),
-            actioned_at: self.actioned_at,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            sample_messages: None,
-        }
-    }
-}

@@ -39,23 +39,6 @@ impl Related<super::cluster::Entity> for Entity {
 
 impl ActiveModelBehavior for ActiveModel {}
 
-impl Model {
-    pub fn view(&self) -> MessageView {
-        view(
-            self.id,
-            &self.creator_id,
-            self.external_id.clone(),
-            &self.text,
-            self.visitor.clone(),
-            &self.status,
-            self.cluster_id,
-            self.sent_at,
-            self.received_at,
-            self.error.clone(),
-        )
-    }
-}
-
 /// Builds the API view of a message from its columns.
 #[allow(clippy::too_many_arguments)]
 pub fn view(
