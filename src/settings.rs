@@ -25,6 +25,8 @@ pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub embedder: EmbedderSettings,
+    #[serde(default)]
+    pub redis: RedisSettings,
     pub ingest: IngestSettings,
     pub clustering: ClusteringSettings,
     pub index: IndexSettings,
@@ -56,6 +58,12 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EmbedderProvider {
+    /// all-MiniLM-L6-v2 in-process (candle).
+    Local,
+    /// Any OpenAI-compatible embeddings endpoint.
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Character n-gram feature hashing, for tests and benchmarks.
     Hash,
 }
 
@@ -67,6 +75,53 @@ pub struct EmbedderSettings {
     pub max_wait_ms: u64,
     pub pool_size: usize,
     pub queue_capacity: usize,
+    pub local: LocalModelSettings,
+    pub openai: OpenAiSettings,
+    pub cache: EmbedCacheSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LocalModelSettings {
+    /// Folder holding config.json, tokenizer.json and model.safetensors.
+    pub model_dir: std::path::PathBuf,
+    /// Longest input in tokens, [CLS] and [SEP] included.
+    pub max_tokens: usize,
+    /// Dedicated inference threads (batches run in parallel).
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OpenAiSettings {
+    pub base_url: String,
+    /// Never printed; usually from CLUSTERD__EMBEDDER__OPENAI__API_KEY.
+    pub api_key: SecretString,
+    pub model: String,
+    /// Sent as `dimensions` when non-zero (models that can shorten vectors).
+    pub request_dimensions: usize,
+    /// Most inputs in one request (the API allows 2048).
+    pub max_inputs: usize,
+    pub price_per_1k_tokens: f64,
+    pub timeout_ms: u64,
+    pub max_attempts: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbedCacheSettings {
+    /// Entries of the in-process cache (0 disables it).
+    pub memory_entries: usize,
+    /// Time to live of Redis entries.
+    pub redis_ttl_secs: u64,
+    /// Time allowed for one Redis round trip before it counts as a miss.
+    pub redis_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisSettings {
+    /// Unset: no Redis (the embedding cache stays in-process).
+    pub url: Option<SecretString>,
+    pub pool_size: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +211,13 @@ impl Settings {
         if self.embedder.batch_size == 0 || self.embedder.pool_size == 0 {
             return invalid("embedder.batch_size and embedder.pool_size must be at least 1");
         }
+        if self.embedder.local.threads == 0 || !(3..=512).contains(&self.embedder.local.max_tokens) {
+            return invalid("embedder.local.threads must be at least 1 and max_tokens between 3 and 512");
+        }
+        let openai = &self.embedder.openai;
+        if openai.max_attempts == 0 || !(1..=2048).contains(&openai.max_inputs) {
+            return invalid("embedder.openai.max_attempts must be at least 1 and max_inputs between 1 and 2048");
+        }
         if self.ingest.pool_size == 0 || self.ingest.max_group == 0 {
             return invalid("ingest.pool_size and ingest.max_group must be at least 1");
         }
@@ -184,6 +246,12 @@ impl Settings {
 impl EmbedderSettings {
     pub fn max_wait(&self) -> Duration {
         Duration::from_millis(self.max_wait_ms)
+    }
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self { url: None, pool_size: 8 }
     }
 }
 

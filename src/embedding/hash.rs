@@ -10,7 +10,7 @@
 
 use crate::domain::{text::normalise, vector};
 
-use super::{Embed, EmbedError};
+use super::{Embed, EmbedError, Embeddings};
 
 pub struct HashEmbedder {
     dimensions: usize,
@@ -43,8 +43,10 @@ impl Embed for HashEmbedder {
         "hash-ngram-v1"
     }
 
-    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        Ok(texts.iter().map(|t| self.embed_one(t)).collect())
+    /// Counts one token per whitespace-separated word (nothing is billed).
+    fn embed(&self, texts: &[&str]) -> Result<Embeddings, EmbedError> {
+        let tokens = texts.iter().map(|t| t.split_whitespace().count() as u64).sum();
+        Ok(Embeddings { vectors: texts.iter().map(|t| self.embed_one(t)).collect(), tokens })
     }
 }
 

@@ -134,7 +134,8 @@ impl Embedder {
             })
             .await
             .map_err(|e| format!("embedding task failed: {e}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .vectors;
             metrics.embed_seconds.observe(started.elapsed().as_secs_f64());
             let ids: Vec<Uuid> = batch.iter().map(|i| i.id).collect();
             repo.mark_embedded(&ids, &vectors).await.map_err(|e| e.to_string())
