@@ -21,6 +21,7 @@ enum Command {
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
+    clusterd::startup::install_tls_provider();
     let cli = Cli::parse();
     let settings = Settings::load().context("configuration")?;
     telemetry::init(&settings.log.filter);

@@ -2,7 +2,7 @@
 //! One [`Metrics`] per application, passed to whoever records.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -18,6 +18,17 @@ pub struct Metrics {
     pub embed_batch_size: Histogram,
     pub embed_seconds: Histogram,
     pub embed_queue: IntGauge,
+    pub embed_provider_calls: IntCounterVec,
+    pub embed_provider_texts: IntCounter,
+    pub embed_provider_tokens: IntCounter,
+    pub embed_provider_errors: IntCounter,
+    pub embed_provider_retries: IntCounter,
+    pub embed_cost_usd: Counter,
+    pub embed_cache_hits: IntCounterVec,
+    pub embed_cache_misses: IntCounter,
+    pub embed_deduplicated: IntCounter,
+    pub embed_cache_errors: IntCounter,
+    pub messages_failed: IntCounter,
     pub messages_clustered: IntCounter,
     pub cluster_decisions: IntCounterVec,
     pub cluster_commit_seconds: Histogram,
@@ -69,8 +80,52 @@ impl Metrics {
             ingest_group_size: register!(histogram("ingest_group_size", "Messages per group commit", SIZES)),
             messages_embedded: register!(counter("messages_embedded_total", "Messages embedded and stored")),
             embed_batch_size: register!(histogram("embed_batch_size", "Texts per embedding batch", SIZES)),
-            embed_seconds: register!(histogram("embed_seconds", "Embedding latency per batch", LATENCY)),
+            embed_seconds: register!(histogram("embed_seconds", "Embedding provider latency per call", LATENCY)),
             embed_queue: register!(IntGauge::new("embed_queue", "Texts waiting for the embedder")),
+            embed_provider_calls: register!(IntCounterVec::new(
+                Opts::new("embed_provider_calls_total", "Embedding provider calls (one per batch), by provider"),
+                &["provider"]
+            )),
+            embed_provider_texts: register!(counter(
+                "embed_provider_texts_total",
+                "Texts sent to the embedding provider (after cache and de-duplication)"
+            )),
+            embed_provider_tokens: register!(counter(
+                "embed_provider_tokens_total",
+                "Tokens the embedding provider processed (what a paid provider bills)"
+            )),
+            embed_provider_errors: register!(counter(
+                "embed_provider_errors_total",
+                "Embedding batches that failed after every attempt"
+            )),
+            embed_provider_retries: register!(counter(
+                "embed_provider_retries_total",
+                "Embedding requests retried (429, 5xx, timeouts)"
+            )),
+            embed_cost_usd: register!(Counter::new(
+                "embed_cost_usd_total",
+                "Estimated embedding cost in US dollars (tokens x embedder.openai.price_per_1k_tokens)"
+            )),
+            embed_cache_hits: register!(IntCounterVec::new(
+                Opts::new("embed_cache_hits_total", "Texts whose vector came from a cache, by tier (memory, redis)"),
+                &["tier"]
+            )),
+            embed_cache_misses: register!(counter(
+                "embed_cache_misses_total",
+                "Distinct texts of a batch found in no cache"
+            )),
+            embed_deduplicated: register!(counter(
+                "embed_deduplicated_total",
+                "Texts that shared the vector of an identical text in the same batch"
+            )),
+            embed_cache_errors: register!(counter(
+                "embed_cache_errors_total",
+                "Redis cache calls that failed or timed out (degraded to the in-process cache)"
+            )),
+            messages_failed: register!(counter(
+                "messages_failed_total",
+                "Messages marked failed (e.g. the embedding provider kept failing)"
+            )),
             messages_clustered: register!(counter("messages_clustered_total", "Messages clustered")),
             cluster_decisions: register!(IntCounterVec::new(
                 Opts::new("cluster_decisions_total", "Clustering decisions by outcome"),

@@ -285,7 +285,10 @@ mod tests {
         assert_eq!(settings.database.max_connections, 20);
         assert_eq!(settings.database.idle_timeout_secs, 30);
         assert_eq!(settings.database.connect_timeout_secs, 2);
-        assert_eq!(settings.embedder.provider, EmbedderProvider::Hash);
+        assert_eq!(settings.embedder.provider, EmbedderProvider::Local);
+        assert_eq!(settings.embedder.local.max_tokens, 256);
+        assert_eq!(settings.embedder.cache.redis_ttl_secs, 30 * 24 * 3600);
+        assert_eq!(settings.embedder.openai.max_inputs, 2048);
         assert_eq!(settings.limits.max_text_chars, 4000);
     }
 
@@ -297,8 +300,13 @@ mod tests {
     }
 
     #[test]
-    fn database_url_does_not_print() {
-        let settings = Settings::load_from(Path::new("config"), None).expect("defaults load");
-        assert!(!format!("{settings:?}").contains("55432"));
+    fn secrets_do_not_print() {
+        let mut settings = Settings::load_from(Path::new("config"), None).expect("defaults load");
+        settings.embedder.openai.api_key = "sk-very-secret".to_owned().into();
+        settings.redis.url = Some("redis://:hunter2@127.0.0.1:6379/".to_owned().into());
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("55432"));
+        assert!(!printed.contains("sk-very-secret"));
+        assert!(!printed.contains("hunter2"));
     }
 }

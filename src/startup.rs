@@ -8,13 +8,21 @@ use actix_web::{App, HttpServer, dev::Server, middleware, web};
 use anyhow::Context;
 
 use crate::{
-    actors::Pipeline,
+    actors::{Pipeline, embedder::Resolver},
     api::{self, ApiState},
-    embedding,
+    embedding::{EmbedCache, Provider},
     metrics::Metrics,
     repository::{Repository, schema},
     settings::Settings,
 };
+
+/// Makes ring the process's rustls crypto provider (sqlx and the OpenAI
+/// client both use rustls; with two providers compiled in, rustls would not
+/// pick one). Idempotent.
+pub fn install_tls_provider() {
+    // Err means a provider is already installed: nothing to do.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 
 pub struct Application {
     port: u16,
@@ -30,6 +38,7 @@ impl Application {
     /// starts the pipeline and binds the listener. Must run inside an
     /// actix system.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        install_tls_provider();
         let db = schema::connect(&settings.database, &settings.index)
             .await
             .context("cannot connect to PostgreSQL (database.url)")?;
@@ -39,9 +48,14 @@ impl Application {
         let repo = Repository::new(db);
 
         let metrics = Arc::new(Metrics::new());
-        let provider: Arc<dyn embedding::Embed> = embedding::provider(&settings.embedder).into();
+        let provider = Provider::build(&settings.embedder, metrics.embed_provider_retries.clone())
+            .with_context(|| format!("cannot start the {:?} embedding provider", settings.embedder.provider))?;
+        let cache = EmbedCache::new(&settings.embedder.cache, &settings.redis).context("embedding cache")?;
+        tracing::info!(provider = provider.kind(), model = provider.model(), redis = cache.has_redis(), "embedder ready");
+        let resolver =
+            Arc::new(Resolver::new(Arc::new(provider), Arc::new(cache), metrics.clone(), &settings.embedder));
         let arbiter = Arbiter::new();
-        let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), provider, metrics.clone());
+        let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone());
 
         let listener = TcpListener::bind(settings.server.bind)
             .with_context(|| format!("cannot listen on {}", settings.server.bind))?;

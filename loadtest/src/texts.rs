@@ -71,6 +71,9 @@ pub enum TextMix {
     Mix,
     /// Built-in questions verbatim: clustering mostly by exact text match.
     Exact,
+    /// Variations made unique by an order number, so that no cache helps:
+    /// every message costs the embedding model a forward pass.
+    Unique,
 }
 
 /// The next text to send.
@@ -79,6 +82,7 @@ pub fn text(mix: TextMix, rng: &mut Rng) -> String {
     match mix {
         TextMix::Mix => vary(question, rng),
         TextMix::Exact => (*question).to_owned(),
+        TextMix::Unique => format!("{} order {}", vary(question, rng), rng.next_u64() % 1_000_000_000),
     }
 }
 

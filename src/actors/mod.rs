@@ -21,12 +21,12 @@ use std::sync::Arc;
 
 use actix::{Addr, Arbiter, Supervisor};
 
-use crate::{embedding::Embed, metrics::Metrics, repository::Repository, settings::Settings};
+use crate::{metrics::Metrics, repository::Repository, settings::Settings};
 
 use self::{
     broadcaster::Broadcaster,
     clustering::{ClusteringPool, ClusteringShard},
-    embedder::Embedder,
+    embedder::{Embedder, Resolver},
     ingest::Ingest,
     recovery::Recovery,
 };
@@ -35,6 +35,7 @@ use self::{
 #[derive(Clone)]
 pub struct Pipeline {
     pub ingest: Addr<Ingest>,
+    pub embedder: Addr<Embedder>,
     pub broadcaster: Addr<Broadcaster>,
     pub recovery: Addr<Recovery>,
 }
@@ -45,7 +46,7 @@ impl Pipeline {
         arbiter: &Arbiter,
         settings: &Settings,
         repo: Repository,
-        provider: Arc<dyn Embed>,
+        resolver: Arc<Resolver>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let handle = arbiter.handle();
@@ -64,7 +65,7 @@ impl Pipeline {
         let embedder = {
             let (repo, clustering, metrics) = (repo.clone(), clustering.clone(), metrics.clone());
             let cfg = settings.embedder.clone();
-            Supervisor::start_in_arbiter(&handle, move |_| Embedder::new(repo, provider, clustering, cfg, metrics))
+            Supervisor::start_in_arbiter(&handle, move |_| Embedder::new(repo, resolver, clustering, cfg, metrics))
         };
         let ingest = {
             let (repo, embedder, metrics) = (repo.clone(), embedder.clone(), metrics.clone());
@@ -73,8 +74,9 @@ impl Pipeline {
         };
         let recovery = {
             let cfg = settings.recovery.clone();
+            let embedder = embedder.clone();
             Supervisor::start_in_arbiter(&handle, move |_| Recovery::new(repo, embedder, clustering, cfg, metrics))
         };
-        Self { ingest, broadcaster, recovery }
+        Self { ingest, embedder, broadcaster, recovery }
     }
 }

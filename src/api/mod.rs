@@ -1,6 +1,7 @@
 //! The HTTP and WebSocket API: thin handlers that validate, call the
 //! pipeline or the repository, and map results to the contract's shapes.
 
+mod admin;
 mod clusters;
 pub mod error;
 mod health;
@@ -51,7 +52,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
                 .route("/clusters/{id}", web::get().to(clusters::detail))
                 .route("/clusters/{id}/action", web::post().to(clusters::action))
                 .route("/clusters/{id}/messages/{message_id}", web::delete().to(clusters::remove_message))
-                .route("/ws", web::get().to(ws::connect)),
+                .route("/ws", web::get().to(ws::connect))
+                .route("/admin/messages/retry", web::post().to(admin::retry_failed)),
         )
         .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::not_found("route")) }));
 }

@@ -10,6 +10,10 @@ impl LocalModel {
     pub fn load(_dir: &Path, _max_tokens: usize) -> Result<Self, EmbedError> {
         Err(EmbedError::Load("not written yet".into()))
     }
+
+    pub fn dimensions(&self) -> usize {
+        384
+    }
 }
 
 impl Embed for LocalModel {

@@ -2,13 +2,17 @@
 //! configured dimension. The embedder actor owns batching, the cache and
 //! de-duplication, and makes one provider call per batch.
 
+pub mod cache;
 mod hash;
 pub mod local;
 pub mod openai;
+mod provider;
 
+pub use cache::EmbedCache;
 pub use hash::HashEmbedder;
 pub use local::LocalModel;
 pub use openai::OpenAiEmbedder;
+pub use provider::{InferencePool, Provider};
 
 /// What one provider call returns: vectors in input order, and the tokens
 /// the provider counted (what a paid provider bills).
@@ -47,7 +51,3 @@ pub trait Embed: Send + Sync {
     fn embed(&self, texts: &[&str]) -> Result<Embeddings, EmbedError>;
 }
 
-/// Builds the provider the settings ask for (temporary: hash only).
-pub fn provider(settings: &crate::settings::EmbedderSettings) -> Box<dyn Embed> {
-    Box::new(HashEmbedder::new(settings.dimensions))
-}

@@ -126,6 +126,16 @@ ORDER BY received_at
 LIMIT $2
 "#;
 
+/// `failed` back to `pending`, optionally for one creator ($1) and/or
+/// some ids ($2).
+const RETRY_FAILED: &str = r#"
+UPDATE messages SET status = 'pending', error = NULL
+WHERE status = 'failed'
+  AND ($1::text IS NULL OR creator_id = $1)
+  AND ($2::uuid[] IS NULL OR id = ANY($2))
+RETURNING id, creator_id, text, status
+"#;
+
 /// A message newly embedded, ready for clustering.
 #[derive(Debug, Clone, FromQueryResult)]
 pub struct EmbeddedRow {
@@ -225,9 +235,9 @@ impl Repository {
     /// Stores the embeddings of a batch and marks those messages
     /// `embedded`; returns the ones that changed (were still `pending`).
     #[tracing::instrument(skip_all, fields(n = ids.len()))]
-    pub async fn mark_embedded(&self, ids: &[Uuid], vectors: &[Vec<f32>]) -> Result<Vec<EmbeddedRow>, RepoError> {
-        let dimensions = vectors.first().map_or(0, Vec::len);
-        let flat: Vec<Value> = vectors.iter().flatten().map(|x| Value::Float(Some(*x))).collect();
+    pub async fn mark_embedded<V: AsRef<[f32]>>(&self, ids: &[Uuid], vectors: &[V]) -> Result<Vec<EmbeddedRow>, RepoError> {
+        let dimensions = vectors.first().map_or(0, |v| v.as_ref().len());
+        let flat: Vec<Value> = vectors.iter().flat_map(|v| v.as_ref()).map(|x| Value::Float(Some(*x))).collect();
         let values = [
             uuid_array(ids.iter().copied()),
             Value::Array(ArrayType::Float, Some(Box::new(flat))),
@@ -246,6 +256,31 @@ impl Repository {
             ))
             .await?;
         Ok(())
+    }
+
+    /// Marks unfinished messages `failed` with the error that stopped them
+    /// (an embedding provider that kept failing).
+    #[tracing::instrument(skip(self, ids), fields(n = ids.len()))]
+    pub async fn mark_failed_many(&self, ids: &[Uuid], error: &str) -> Result<u64, RepoError> {
+        let result = self
+            .db
+            .execute_raw(stmt(
+                "UPDATE messages SET status = 'failed', error = $2 \
+                 WHERE id = ANY($1) AND status IN ('pending', 'embedded')",
+                [uuid_array(ids.iter().copied()), error.into()],
+            ))
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Puts `failed` messages back to `pending` (error cleared) and returns
+    /// them, so that the pipeline embeds and clusters them again. With no
+    /// filter, every failed message; otherwise those of one creator and/or
+    /// with the given ids.
+    #[tracing::instrument(skip(self, ids))]
+    pub async fn retry_failed(&self, creator_id: Option<&str>, ids: Option<&[Uuid]>) -> Result<Vec<Unfinished>, RepoError> {
+        let values = [creator_id.map(str::to_owned).into(), ids.map(|ids| uuid_array(ids.iter().copied())).unwrap_or(Value::Array(ArrayType::Uuid, None))];
+        Ok(Unfinished::find_by_statement(stmt(RETRY_FAILED, values)).all(&self.db).await?)
     }
 
     /// Messages still `pending` or `embedded` that arrived at or before

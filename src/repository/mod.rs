@@ -9,7 +9,7 @@
 mod clustering;
 mod clusters;
 mod events;
-mod messages;
+pub mod messages;
 pub mod schema;
 
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement, Value, sqlx};

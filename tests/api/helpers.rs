@@ -134,6 +134,31 @@ impl TestApp {
         }
     }
 
+    /// The value of one sample on `/metrics`, e.g.
+    /// `clusterd_embed_cache_hits_total{tier="redis"}`; 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let mut response = self.client.get(format!("{}/metrics", self.address)).send().await.expect("GET /metrics");
+        let body = response.body().limit(1 << 24).await.expect("the metrics body");
+        let text = std::str::from_utf8(&body).expect("metrics are UTF-8");
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .map_or(0.0, |value| value.trim().parse().expect("a numeric sample"))
+    }
+
+    /// Waits until the message reaches `status`; returns the message object.
+    pub async fn wait_status(&self, message_id: &str, status: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let (code, message) = self.get(&format!("/v1/messages/{message_id}")).await;
+            assert_eq!(code, StatusCode::OK, "{message}");
+            if message["status"] == status {
+                return message;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "message {message_id} not {status} in time: {message}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn connect_ws(&self) -> WsClient {
         let (_response, framed) = self
             .client

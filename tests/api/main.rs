@@ -2,6 +2,7 @@
 //! database per test, real HTTP and WebSocket clients.
 
 mod clustering;
+mod embedding;
 mod errors;
 mod events;
 mod helpers;
