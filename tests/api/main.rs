@@ -4,6 +4,7 @@
 mod clustering;
 mod errors;
 mod events;
+mod fake_openai;
 mod helpers;
 mod ingest;
 mod instances;
