@@ -8,6 +8,7 @@ mod fake_openai;
 mod helpers;
 mod ingest;
 mod instances;
+mod openai;
 mod operations;
 mod plans;
 mod restart;
