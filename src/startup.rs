@@ -51,7 +51,12 @@ impl Application {
         let provider = Provider::build(&settings.embedder, metrics.embed_provider_retries.clone())
             .with_context(|| format!("cannot start the {:?} embedding provider", settings.embedder.provider))?;
         let cache = EmbedCache::new(&settings.embedder.cache, &settings.redis).context("embedding cache")?;
-        tracing::info!(provider = provider.kind(), model = provider.model(), redis = cache.has_redis(), "embedder ready");
+        tracing::info!(
+            provider = provider.kind(),
+            model = provider.model(),
+            redis = cache.has_redis(),
+            "embedder ready"
+        );
         let resolver =
             Arc::new(Resolver::new(Arc::new(provider), Arc::new(cache), metrics.clone(), &settings.embedder));
         let arbiter = Arbiter::new();

@@ -24,7 +24,10 @@ pub struct RetryResult {
 /// `POST /v1/admin/messages/retry`: puts `failed` messages back into the
 /// pipeline (e.g. once an embedding provider that kept failing is back).
 #[tracing::instrument(skip_all)]
-pub async fn retry_failed(state: web::Data<ApiState>, body: web::Json<serde_json::Value>) -> Result<HttpResponse, ApiError> {
+pub async fn retry_failed(
+    state: web::Data<ApiState>,
+    body: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
     let input: RetryInput = crate::protocol::from_object(body.into_inner())
         .map_err(|e| ApiError::InvalidRequest(format!("invalid retry request: {e}")))?;
     let ids = input.message_ids.as_deref();
@@ -37,7 +40,8 @@ pub async fn retry_failed(state: web::Data<ApiState>, body: web::Json<serde_json
     let messages = state.repo.retry_failed(input.creator_id.as_deref(), ids).await?;
     let retried = messages.len();
     if retried > 0 {
-        let items = messages.into_iter().map(|m| EmbedItem { id: m.id, creator_id: m.creator_id, text: m.text }).collect();
+        let items =
+            messages.into_iter().map(|m| EmbedItem { id: m.id, creator_id: m.creator_id, text: m.text }).collect();
         // Were the embedder's queue full, the messages stay `pending` and the
         // recovery sweep picks them up: nothing is lost either way.
         state.pipeline.embedder.do_send(EmbedMessages { items });

@@ -50,4 +50,3 @@ pub trait Embed: Send + Sync {
     fn model(&self) -> &str;
     fn embed(&self, texts: &[&str]) -> Result<Embeddings, EmbedError>;
 }
-

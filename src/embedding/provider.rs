@@ -139,14 +139,16 @@ mod tests {
             }
             fn embed(&self, texts: &[&str]) -> Result<Embeddings, EmbedError> {
                 let on_pool = thread::current().name().is_some_and(|n| n.starts_with("clusterd-embed-"));
-                Ok(Embeddings { vectors: texts.iter().map(|_| vec![f32::from(u8::from(on_pool))]).collect(), tokens: 0 })
+                Ok(Embeddings {
+                    vectors: texts.iter().map(|_| vec![f32::from(u8::from(on_pool))]).collect(),
+                    tokens: 0,
+                })
             }
         }
         let pool = InferencePool::start(Arc::new(ThreadName), 2);
-        let batches = futures_util::future::join_all(
-            (0..8).map(|i| pool.embed((0..=i).map(|j| format!("text {j}")).collect())),
-        )
-        .await;
+        let batches =
+            futures_util::future::join_all((0..8).map(|i| pool.embed((0..=i).map(|j| format!("text {j}")).collect())))
+                .await;
         for (i, batch) in batches.into_iter().enumerate() {
             let batch = batch.expect("the pool answers");
             assert_eq!(batch.vectors.len(), i + 1);

@@ -235,7 +235,11 @@ impl Repository {
     /// Stores the embeddings of a batch and marks those messages
     /// `embedded`; returns the ones that changed (were still `pending`).
     #[tracing::instrument(skip_all, fields(n = ids.len()))]
-    pub async fn mark_embedded<V: AsRef<[f32]>>(&self, ids: &[Uuid], vectors: &[V]) -> Result<Vec<EmbeddedRow>, RepoError> {
+    pub async fn mark_embedded<V: AsRef<[f32]>>(
+        &self,
+        ids: &[Uuid],
+        vectors: &[V],
+    ) -> Result<Vec<EmbeddedRow>, RepoError> {
         let dimensions = vectors.first().map_or(0, |v| v.as_ref().len());
         let flat: Vec<Value> = vectors.iter().flat_map(|v| v.as_ref()).map(|x| Value::Float(Some(*x))).collect();
         let values = [
@@ -278,8 +282,15 @@ impl Repository {
     /// filter, every failed message; otherwise those of one creator and/or
     /// with the given ids.
     #[tracing::instrument(skip(self, ids))]
-    pub async fn retry_failed(&self, creator_id: Option<&str>, ids: Option<&[Uuid]>) -> Result<Vec<Unfinished>, RepoError> {
-        let values = [creator_id.map(str::to_owned).into(), ids.map(|ids| uuid_array(ids.iter().copied())).unwrap_or(Value::Array(ArrayType::Uuid, None))];
+    pub async fn retry_failed(
+        &self,
+        creator_id: Option<&str>,
+        ids: Option<&[Uuid]>,
+    ) -> Result<Vec<Unfinished>, RepoError> {
+        let values = [
+            creator_id.map(str::to_owned).into(),
+            ids.map(|ids| uuid_array(ids.iter().copied())).unwrap_or(Value::Array(ArrayType::Uuid, None)),
+        ];
         Ok(Unfinished::find_by_statement(stmt(RETRY_FAILED, values)).all(&self.db).await?)
     }
 

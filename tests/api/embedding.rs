@@ -4,7 +4,10 @@
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, fresh_database, spawn_app_on, spawn_app_with};
+use crate::{
+    fake_openai::{FakeOpenAi, Fault},
+    helpers::{TestApp, fresh_database, spawn_app_on, spawn_app_with},
+};
 use clusterd::settings::{EmbedderProvider, Settings};
 
 /// The test Redis, exported by `make test`.
@@ -49,12 +52,9 @@ async fn the_local_model_clusters_paraphrases_together_and_other_questions_apart
         without_redis(s);
     })
     .await;
-    let texts = [
-        "How much does a ticket cost?",
-        "what is the price of the tickets",
-        "Where can I find the refund form?",
-    ]
-    .map(String::from);
+    let texts =
+        ["How much does a ticket cost?", "what is the price of the tickets", "Where can I find the refund form?"]
+            .map(String::from);
     let ids = post_batch(&app, "creator-local", &texts).await;
     let messages = wait_all(&app, &ids).await;
     assert_eq!(messages[0]["cluster_id"], messages[1]["cluster_id"], "two ways to ask the price: {messages:?}");
@@ -140,4 +140,76 @@ async fn a_redis_that_is_down_degrades_to_the_memory_cache_without_errors() {
     assert!(app.metric("clusterd_embed_cache_errors_total").await >= 1.0, "the outage is visible on /metrics");
     assert_eq!(app.metric("clusterd_embed_provider_texts_total").await as usize, 4, "repeats came from memory");
     assert_eq!(app.metric("clusterd_pipeline_errors_total{stage=\"embed\"}").await, 0.0);
+}
+
+/// The daemon with `provider = "openai"` against the fake endpoint.
+async fn spawn_openai_app(fake: &FakeOpenAi, max_attempts: u32) -> TestApp {
+    let mut openai = fake.settings();
+    openai.max_attempts = max_attempts;
+    spawn_app_with(move |s| {
+        s.embedder.provider = EmbedderProvider::OpenAi;
+        s.embedder.openai = openai;
+        without_redis(s);
+    })
+    .await
+}
+
+#[actix_web::test]
+async fn openai_failures_mark_messages_failed_and_the_admin_retry_brings_them_back() {
+    let fake = FakeOpenAi::start().await;
+    for _ in 0..2 {
+        fake.push(Fault::Status { code: 500, retry_after: None });
+    }
+    let app = spawn_openai_app(&fake, 2).await;
+    let tag = Uuid::now_v7().simple().to_string();
+    let id = app.post_message("creator-openai", &format!("is the show sold out {tag}")).await;
+
+    let failed = app.wait_status(&id, "failed").await;
+    let error = failed["error"].as_str().expect("a failed message carries its error");
+    assert!(error.contains("500"), "the error names the status: {error}");
+    assert_eq!(fake.request_count(), 2, "exactly max_attempts requests");
+    assert_eq!(app.metric("clusterd_messages_failed_total").await, 1.0);
+    assert_eq!(app.metric("clusterd_embed_provider_errors_total").await, 1.0);
+
+    // Bad retry requests change nothing.
+    let (status, body) = app.post("/v1/admin/messages/retry", &json!({"creator": "creator-openai"})).await;
+    assert_eq!(status.as_u16(), 400, "{body}");
+    let (status, _) = app.post("/v1/admin/messages/retry", &json!({"creator_id": "someone-else"})).await;
+    assert_eq!(status.as_u16(), 200);
+    assert_eq!(app.get(&format!("/v1/messages/{id}")).await.1["status"], "failed");
+
+    // The provider is healthy again: the retry path finishes the work.
+    let (status, body) = app.post("/v1/admin/messages/retry", &json!({"creator_id": "creator-openai"})).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(body["retried"], 1);
+    let clustered = app.wait_clustered(&id).await;
+    assert!(clustered["error"].is_null(), "the error is cleared: {clustered}");
+    let (_, again) = app.post("/v1/admin/messages/retry", &json!({})).await;
+    assert_eq!(again["retried"], 0, "nothing is failed any more");
+}
+
+#[actix_web::test]
+async fn openai_rate_limits_and_timeouts_delay_work_but_lose_nothing() {
+    let fake = FakeOpenAi::start().await;
+    fake.push(Fault::Status { code: 429, retry_after: Some(1) });
+    fake.push(Fault::Delay(std::time::Duration::from_millis(800)));
+    fake.push(Fault::Status { code: 503, retry_after: None });
+    let app = spawn_openai_app(&fake, 5).await;
+    let tag = Uuid::now_v7().simple().to_string();
+    let texts: Vec<String> = (0..6).map(|i| format!("when does the tour reach city {i} {tag}")).collect();
+    let ids = post_batch(&app, "creator-openai-429", &texts).await;
+    wait_all(&app, &ids).await;
+    assert_eq!(fake.pending_faults(), 0, "every fault was met");
+    assert!(app.metric("clusterd_embed_provider_retries_total").await >= 3.0);
+    assert_eq!(app.metric("clusterd_messages_failed_total").await, 0.0);
+
+    // Cost accounting: the tokens the endpoint reported, priced per 1K.
+    let expected_tokens: u64 = texts.iter().map(|t| FakeOpenAi::tokens(t)).sum();
+    assert_eq!(app.metric("clusterd_embed_provider_tokens_total").await as u64, expected_tokens);
+    let cost = app.metric("clusterd_embed_cost_usd_total").await;
+    let expected_cost = expected_tokens as f64 / 1000.0 * fake.settings().price_per_1k_tokens;
+    assert!((cost - expected_cost).abs() < 1e-12, "cost {cost}, expected {expected_cost}");
+    // Every text was sent once in a successful request; the API key was sent.
+    let inputs: Vec<String> = fake.requests().into_iter().last().map(|r| r.inputs).unwrap_or_default();
+    assert_eq!(inputs.len(), texts.len(), "one request carried the whole batch");
 }

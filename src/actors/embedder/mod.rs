@@ -142,7 +142,9 @@ impl Embedder {
         let held = ids.clone();
         let work = async move {
             match resolver.vectors(&batch).await {
-                Ok(vectors) => repo.mark_embedded(&ids, &vectors).await.map(Outcome::Embedded).map_err(|e| e.to_string()),
+                Ok(vectors) => {
+                    repo.mark_embedded(&ids, &vectors).await.map(Outcome::Embedded).map_err(|e| e.to_string())
+                }
                 // The daemon is stopping: the batch stays `pending`.
                 Err(EmbedError::Stopped) => Err(EmbedError::Stopped.to_string()),
                 Err(error) => {
@@ -202,7 +204,12 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(provider: Arc<Provider>, cache: Arc<EmbedCache>, metrics: Arc<Metrics>, settings: &EmbedderSettings) -> Self {
+    pub fn new(
+        provider: Arc<Provider>,
+        cache: Arc<EmbedCache>,
+        metrics: Arc<Metrics>,
+        settings: &EmbedderSettings,
+    ) -> Self {
         let price_per_1k_tokens =
             if matches!(*provider, Provider::OpenAi(_)) { settings.openai.price_per_1k_tokens } else { 0.0 };
         Self { provider, cache, metrics, dimensions: settings.dimensions, price_per_1k_tokens }
