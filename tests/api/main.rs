@@ -7,6 +7,7 @@ mod events;
 mod helpers;
 mod ingest;
 mod instances;
+mod model;
 mod operations;
 mod plans;
 mod restart;
