@@ -7,6 +7,7 @@ use std::{
     thread,
 };
 
+use secrecy::ExposeSecret;
 use tokio::sync::oneshot;
 
 use super::{Embed, EmbedError, Embeddings, HashEmbedder, LocalModel, OpenAiEmbedder};
@@ -35,7 +36,14 @@ impl Provider {
                 Self::Local(InferencePool::start(Arc::new(model), local.threads))
             }
             EmbedderProvider::OpenAi => {
-                Self::OpenAi(OpenAiEmbedder::new(&settings.openai, settings.dimensions, retries)?)
+                let mut openai = settings.openai.clone();
+                // The conventional variable, when the key is not configured.
+                if openai.api_key.expose_secret().is_empty()
+                    && let Ok(key) = std::env::var("OPENAI_API_KEY")
+                {
+                    openai.api_key = key.into();
+                }
+                Self::OpenAi(OpenAiEmbedder::new(&openai, settings.dimensions, retries)?)
             }
         };
         Ok(provider)

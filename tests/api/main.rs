@@ -9,6 +9,7 @@ mod fake_openai;
 mod helpers;
 mod ingest;
 mod instances;
+mod model;
 mod openai;
 mod operations;
 mod plans;
