@@ -110,10 +110,6 @@ impl LocalModel {
         }
         Ok(ids.to_vec())
     }
-
-    pub fn dimensions(&self) -> usize {
-        384
-    }
 }
 
 impl Embed for LocalModel {
