@@ -17,7 +17,7 @@ use crate::settings::{EmbedderProvider, EmbedderSettings};
 pub enum Provider {
     Hash(HashEmbedder),
     Local(InferencePool),
-    OpenAi(OpenAiEmbedder),
+    OpenAi(Box<OpenAiEmbedder>),
 }
 
 impl Provider {
@@ -43,7 +43,7 @@ impl Provider {
                 {
                     openai.api_key = key.into();
                 }
-                Self::OpenAi(OpenAiEmbedder::new(&openai, settings.dimensions, retries)?)
+                Self::OpenAi(Box::new(OpenAiEmbedder::new(&openai, settings.dimensions, retries)?))
             }
         };
         Ok(provider)

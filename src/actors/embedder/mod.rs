@@ -237,7 +237,7 @@ impl Resolver {
         let mut found = self.cache.get_memory(&keys);
         self.count_hits("memory", &found);
         if self.cache.has_redis() {
-            self.from_redis(&keys, &mut found).await;
+            self.fill_from_redis(&keys, &mut found).await;
         }
 
         let missing: Vec<usize> = (0..found.len()).filter(|&i| found[i].is_none()).collect();
@@ -271,7 +271,7 @@ impl Resolver {
 
     /// Fills the misses of `found` from Redis; a Redis problem leaves them
     /// missing.
-    async fn from_redis(&self, keys: &[Key], found: &mut [Option<Arc<[f32]>>]) {
+    async fn fill_from_redis(&self, keys: &[Key], found: &mut [Option<Arc<[f32]>>]) {
         let missing: Vec<usize> = (0..found.len()).filter(|&i| found[i].is_none()).collect();
         if missing.is_empty() {
             return;
