@@ -213,3 +213,16 @@ async fn openai_rate_limits_and_timeouts_delay_work_but_lose_nothing() {
     let inputs: Vec<String> = fake.requests().into_iter().last().map(|r| r.inputs).unwrap_or_default();
     assert_eq!(inputs.len(), texts.len(), "one request carried the whole batch");
 }
+
+#[actix_web::test]
+async fn a_missing_model_stops_the_daemon_at_start_with_a_clear_error() {
+    let db = fresh_database().await;
+    let mut settings = crate::helpers::test_settings(&db);
+    settings.embedder.provider = EmbedderProvider::Local;
+    settings.embedder.local.model_dir = "/nonexistent/model".into();
+    let error = match clusterd::startup::Application::build(settings).await {
+        Ok(_) => panic!("the daemon must not start without its model"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("embedding provider") && error.contains("/nonexistent/model"), "{error}");
+}
