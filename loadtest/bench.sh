@@ -17,36 +17,12 @@ PORT="${LT_PORT:-18080}"
 LOG_DIR="${LT_LOG_DIR:-target/loadtest}"
 DB="lt_$(date +%s)_$$"
 
-for exe in clusterd loadtest; do
-    [[ -x "$BIN/$exe" ]] || { echo "bench: $BIN/$exe missing; run cargo build --release -p clusterd -p loadtest" >&2; exit 1; }
-done
-mkdir -p "$LOG_DIR"
-eval "$(scripts/stack.sh env)"
-DB_URL="${CLUSTERD__DATABASE__URL%/*}/$DB"
-
-daemon=""
-cleanup() {
-    if [[ -n "$daemon" ]]; then
-        kill -TERM "$daemon" 2>/dev/null || true
-        wait "$daemon" 2>/dev/null || true
-    fi
-    scripts/stack.sh psql -q -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null || true
-}
-trap cleanup EXIT
+# shellcheck source=loadtest/daemon.sh
+source loadtest/daemon.sh
 
 # Busy and total jiffies of the whole machine, and CPU seconds of one process.
 machine_cpu() { awk '/^cpu /{ print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8 }' /proc/stat; }
 process_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14+$15)/hz }' "/proc/$1/stat"; }
-
-scripts/stack.sh psql -q -c "CREATE DATABASE $DB" >/dev/null
-CLUSTERD__DATABASE__URL="$DB_URL" CLUSTERD__SERVER__BIND="127.0.0.1:$PORT" \
-    "$BIN/clusterd" serve >"$LOG_DIR/$DB.log" 2>&1 &
-daemon=$!
-for _ in $(seq 1 100); do
-    curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
-    kill -0 "$daemon" 2>/dev/null || { tail -n 20 "$LOG_DIR/$DB.log" >&2; exit 1; }
-    sleep 0.2
-done
 
 # The numbers mean little if something else (a build...) shares the cores.
 read -r busy0 total0 < <(machine_cpu)

@@ -18,29 +18,8 @@ BIN="${LT_BIN:-target/release}"
 PORT="${LT_PORT:-18081}"
 LOG_DIR="${LT_LOG_DIR:-target/loadtest}"
 DB="lt_embed_$(date +%s)_$$"
-mkdir -p "$LOG_DIR"
-eval "$(scripts/stack.sh env)"
-DB_URL="${CLUSTERD__DATABASE__URL%/*}/$DB"
-
-daemon=""
-cleanup() {
-    if [[ -n "$daemon" ]]; then
-        kill -TERM "$daemon" 2>/dev/null || true
-        wait "$daemon" 2>/dev/null || true
-    fi
-    scripts/stack.sh psql -q -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null || true
-}
-trap cleanup EXIT
-
-scripts/stack.sh psql -q -c "CREATE DATABASE $DB" >/dev/null
-CLUSTERD__DATABASE__URL="$DB_URL" CLUSTERD__SERVER__BIND="127.0.0.1:$PORT" \
-    "$BIN/clusterd" serve >"$LOG_DIR/$DB.log" 2>&1 &
-daemon=$!
-for _ in $(seq 1 100); do
-    curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
-    kill -0 "$daemon" 2>/dev/null || { tail -n 20 "$LOG_DIR/$DB.log" >&2; exit 1; }
-    sleep 0.2
-done
+# shellcheck source=loadtest/daemon.sh
+source loadtest/daemon.sh
 
 embedded() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk '$1 == "clusterd_messages_embedded_total" { print $2 }'; }
 

@@ -113,7 +113,8 @@ impl EmbedCache {
         for key in keys {
             cmd.arg(redis_key(key));
         }
-        let values: Vec<Option<Vec<u8>>> = redis.run(cmd).await?;
+        let values: Vec<Option<Vec<u8>>> =
+            redis.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await?;
         if values.len() != keys.len() {
             return Err(format!("MGET answered {} values for {} keys", values.len(), keys.len()));
         }
@@ -130,7 +131,7 @@ impl EmbedCache {
         for (key, vector) in entries {
             pipe.cmd("SET").arg(redis_key(key)).arg(encode(vector)).arg("EX").arg(redis.ttl_secs).ignore();
         }
-        redis.run_pipe(pipe).await
+        redis.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await
     }
 }
 
@@ -145,29 +146,19 @@ impl RedisCache {
             Some(Instant::now() + REDIS_BACKOFF);
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, String> {
+    /// Runs one round trip on a pooled connection within the timeout; a
+    /// failure sends Redis to rest.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, String>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         if self.resting() {
             return Err("redis is resting after a failure".into());
         }
         let result = tokio::time::timeout(self.timeout, async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            cmd.query_async::<T>(&mut conn).await.map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)));
-        if result.is_err() {
-            self.rest();
-        }
-        result
-    }
-
-    async fn run_pipe(&self, pipe: redis::Pipeline) -> Result<(), String> {
-        if self.resting() {
-            return Err("redis is resting after a failure".into());
-        }
-        let result = tokio::time::timeout(self.timeout, async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            pipe.query_async::<()>(&mut conn).await.map_err(|e| e.to_string())
+            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            call(conn).await.map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)));
