@@ -3,6 +3,7 @@
 
 pub mod actors;
 pub mod api;
+pub mod clustering;
 pub mod domain;
 pub mod embedding;
 pub mod entities;

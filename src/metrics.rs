@@ -34,6 +34,7 @@ pub struct Metrics {
     pub cluster_decisions: IntCounterVec,
     pub cluster_commit_seconds: Histogram,
     pub cluster_queue: IntGauge,
+    pub cluster_indexed_creators: IntGauge,
     pub pipeline_dropped: IntCounterVec,
     pub pipeline_errors: IntCounterVec,
     pub messages_recovered: IntCounter,
@@ -138,6 +139,10 @@ impl Metrics {
                 LATENCY
             )),
             cluster_queue: register!(IntGauge::new("cluster_queue", "Messages waiting for a clustering decision")),
+            cluster_indexed_creators: register!(IntGauge::new(
+                "cluster_indexed_creators",
+                "Creators whose open-cluster index the clustering shards hold in memory"
+            )),
             pipeline_dropped: register!(IntCounterVec::new(
                 Opts::new(
                     "pipeline_deferred_total",

@@ -137,7 +137,14 @@ pub struct ClusteringSettings {
     pub max_group: usize,
     pub queue_capacity: usize,
     pub trigram_threshold: f32,
+    pub trigram_members: usize,
     pub vector_threshold: f32,
+    pub vector_z: f32,
+    pub min_reference_clusters: usize,
+    pub cold_threshold: f32,
+    pub suggest_threshold: f32,
+    pub label_exact_max: i64,
+    pub cached_creators: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,8 +234,15 @@ impl Settings {
         if !(0.0..=1.0).contains(&self.clustering.trigram_threshold) {
             return invalid("clustering.trigram_threshold must be between 0 and 1");
         }
-        if !(-1.0..=1.0).contains(&self.clustering.vector_threshold) {
-            return invalid("clustering.vector_threshold must be between -1 and 1");
+        let c = &self.clustering;
+        if ![c.vector_threshold, c.cold_threshold, c.suggest_threshold].iter().all(|t| (-1.0..=1.0).contains(t)) {
+            return invalid("clustering.vector_threshold, cold_threshold and suggest_threshold must be between -1 and 1");
+        }
+        if !c.vector_z.is_finite() || c.vector_z < 0.0 {
+            return invalid("clustering.vector_z must be a non-negative number");
+        }
+        if c.cached_creators == 0 || c.label_exact_max < 1 {
+            return invalid("clustering.cached_creators and clustering.label_exact_max must be at least 1");
         }
         if self.database.min_connections > self.database.max_connections || self.database.max_connections == 0 {
             return invalid("database.min_connections must not exceed database.max_connections (>= 1)");

@@ -1,82 +1,101 @@
-//! The clustering decision, for a group of embedded messages in one
-//! transaction: exact normalised text, then trigram, then vector, then a new
-//! cluster, among the creator's open clusters only.
+//! The clustering decision for a group of embedded messages, in one
+//! transaction under the advisory locks of their creators.
+//!
+//! The decision itself runs in memory, on each creator's [`CreatorIndex`]
+//! of open clusters (see `crate::clustering`); the transaction keeps the
+//! index and the database in step:
+//! 1. lock the creators, load the group's messages (each with the open
+//!    cluster that already holds its exact normalised text, if any);
+//! 2. read each creator's last event id: every change to a creator's
+//!    clusters appends an event, so an index built at that id is current,
+//!    and any other (an operation, another instance) is rebuilt from the
+//!    database;
+//! 3. decide every message in arrival order, updating the index as it
+//!    goes;
+//! 4. write the outcome with a fixed number of statements, whatever the
+//!    group's size: new clusters (with their suggested response), joined
+//!    clusters' sizes and centroids, the messages, the labels, the events.
+//!
+//! On any error the caller drops the group's indexes: they may hold
+//! decisions that were rolled back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use chrono::Utc;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait, prelude::PgVector};
+use chrono::{DateTime, Utc};
+use lru::LruCache;
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait, Value, prelude::PgVector,
+    sea_query::ArrayType,
+};
 use uuid::Uuid;
 
 use super::{
     RepoError, Repository,
-    clusters::{CLUSTER_COLUMNS, ClusterRow},
+    clusters::{CLUSTER_COLUMNS, ClusterRow, refresh_labels},
     events::{self, Draft, StoredEvent},
     lock_creators,
     messages::MessageRow,
-    stmt, uuid_array,
+    stmt, text_array, uuid_array,
 };
-use crate::protocol::EventKind;
+use crate::{
+    clustering::{CreatorIndex, OpenCluster, Params, Reason, trigram::Trigrams},
+    protocol::{ClusterView, EventKind, MessageStatus},
+};
 
-/// The thresholds of the decision.
+/// What the decision needs besides the rule's parameters.
 #[derive(Debug, Clone, Copy)]
-pub struct ClusterParams {
-    /// pg_trgm similarity at or above which a trigram match joins.
-    pub trigram_threshold: f32,
-    /// Cosine similarity to a centroid at or above which a message joins.
-    pub vector_threshold: f32,
+pub struct DecideConfig {
+    pub params: Params,
+    /// Cosine similarity to an actioned cluster from which a new cluster
+    /// carries that cluster's response as `suggested_response`.
+    pub suggest_threshold: f32,
+    /// Clusters up to this size get their label recomputed exactly.
+    pub label_exact_max: i64,
 }
 
-/// The messages of the group that still need a decision, locked.
-const LOAD: &str = r#"
-SELECT id, creator_id, external_id, text, norm_key, visitor, status, cluster_id, sent_at,
-       received_at, error, embedding
-FROM messages
-WHERE id = ANY($1) AND status = 'embedded' AND cluster_id IS NULL
-ORDER BY id
-FOR UPDATE
+/// The messages of the group that still need a decision, locked, each with
+/// an open cluster of its creator that holds the same normalised text.
+pub const LOAD: &str = r#"
+SELECT m.id, m.creator_id, m.external_id, m.text, m.visitor, m.status, m.cluster_id, m.sent_at,
+       m.received_at, m.error, m.norm_key, m.embedding,
+       (SELECT e.cluster_id FROM messages e JOIN clusters c ON c.id = e.cluster_id AND c.status = 'open'
+         WHERE e.creator_id = m.creator_id AND e.norm_key = m.norm_key
+         ORDER BY e.id LIMIT 1) AS exact_id
+FROM messages m
+WHERE m.id = ANY($1) AND m.status = 'embedded' AND m.cluster_id IS NULL
+ORDER BY m.id
+FOR UPDATE OF m
 "#;
 
-/// One round trip for all three candidate kinds. `open` is the creator's
-/// open clusters (partial btree index); exact matches come through the
-/// (creator_id, norm_key) index, trigram candidates are the members of open
-/// clusters (through messages_by_cluster), and the vector candidate is the
-/// nearest open centroid by an exact distance sort: a creator's open
-/// clusters are few, and measured faster so than any filtered ANN scan.
-pub const DECIDE: &str = r#"
-WITH open AS MATERIALIZED (
-    SELECT id, centroid FROM clusters WHERE creator_id = $1 AND status = 'open'
-)
-SELECT
-    (SELECT m.cluster_id FROM messages m JOIN open o ON o.id = m.cluster_id
-      WHERE m.creator_id = $1 AND m.norm_key = $2
-      LIMIT 1) AS exact_id,
-    t.cluster_id AS trigram_id,
-    v.id AS vector_id,
-    v.similarity AS vector_similarity
-FROM (SELECT 1) AS one
-LEFT JOIN LATERAL (
-    SELECT m.cluster_id, similarity(m.text, $3) AS similarity
-    FROM open o JOIN messages m ON m.cluster_id = o.id
-    WHERE similarity(m.text, $3) >= $4
-    ORDER BY similarity DESC, m.id
-    LIMIT 1
-) AS t ON true
-LEFT JOIN LATERAL (
-    SELECT id, (1 - (centroid <=> $5))::real AS similarity
-    FROM open
-    ORDER BY centroid <=> $5
-    LIMIT 1
-) AS v ON true
+/// A creator's open clusters, to rebuild its index.
+pub const LOAD_OPEN: &str = r#"
+SELECT id, creator_id, centroid, size FROM clusters
+WHERE creator_id = ANY($1) AND status = 'open'
+ORDER BY creator_id, id
 "#;
 
-#[derive(Debug, FromQueryResult)]
-struct Candidates {
-    exact_id: Option<Uuid>,
-    trigram_id: Option<Uuid>,
-    vector_id: Option<Uuid>,
-    vector_similarity: Option<f32>,
-}
+/// The most recent members' texts of the given clusters, newest first.
+const LOAD_RECENT: &str = r#"
+SELECT c.id AS cluster_id, r.text
+FROM unnest($1::uuid[]) AS c(id)
+CROSS JOIN LATERAL (SELECT text, id FROM messages WHERE cluster_id = c.id ORDER BY id DESC LIMIT $2) AS r
+ORDER BY c.id, r.id DESC
+"#;
+
+/// For each new cluster, the response of its creator's most similar
+/// actioned cluster, if similar enough.
+pub const SUGGEST: &str = r#"
+SELECT n.i AS position, s.response_text
+FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS n(creator_id, v, i)
+CROSS JOIN LATERAL (
+    SELECT response_text, centroid <=> n.v::vector AS distance
+    FROM clusters
+    WHERE creator_id = n.creator_id AND status = 'actioned' AND response_text IS NOT NULL
+    ORDER BY centroid <=> n.v::vector, id
+    LIMIT 1
+) AS s
+WHERE 1 - s.distance >= $3
+"#;
 
 #[derive(Debug, FromQueryResult)]
 struct LoadedMessage {
@@ -84,173 +103,341 @@ struct LoadedMessage {
     row: MessageRow,
     norm_key: Vec<u8>,
     embedding: Option<PgVector>,
+    exact_id: Option<Uuid>,
 }
 
-/// Where a message goes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Decision {
-    Join(Uuid),
-    Create,
+#[derive(Debug, FromQueryResult)]
+struct OpenRow {
+    id: Uuid,
+    creator_id: String,
+    centroid: PgVector,
+    size: i32,
 }
 
-impl Candidates {
-    fn decide(&self, params: &ClusterParams) -> Decision {
-        if let Some(id) = self.exact_id.or(self.trigram_id) {
-            return Decision::Join(id);
-        }
-        match (self.vector_id, self.vector_similarity) {
-            (Some(id), Some(sim)) if sim >= params.vector_threshold => Decision::Join(id),
-            _ => Decision::Create,
-        }
-    }
+/// A cluster this group creates.
+struct NewCluster {
+    id: Uuid,
+    creator_id: String,
+    label: String,
+    /// Members from this group, and the sum of their embeddings.
+    size: i32,
+    centroid: Vec<f32>,
+    suggested_response: Option<String>,
+}
+
+/// One message's outcome, in arrival order.
+struct Outcome {
+    message: MessageRow,
+    cluster_id: Uuid,
+    created: bool,
 }
 
 impl Repository {
     /// Clusters the given messages (those still `embedded`; others are
-    /// skipped: another worker got there first), in arrival order, in one
-    /// transaction holding the advisory locks of their creators. Returns
-    /// the events to publish once committed.
+    /// skipped: another worker got there first), in arrival order, using
+    /// and updating `indexes`. Returns the events to publish once
+    /// committed. On error, `indexes` may hold rolled-back decisions: the
+    /// caller must drop the entries of the group's creators.
     #[tracing::instrument(skip_all, fields(n = messages.len()))]
     pub async fn cluster_messages(
         &self,
         messages: &[(Uuid, String)],
-        params: ClusterParams,
+        indexes: &mut LruCache<String, CreatorIndex>,
+        config: &DecideConfig,
     ) -> Result<Vec<StoredEvent>, RepoError> {
         let tx = self.db.begin().await?;
         lock_creators(&tx, messages.iter().map(|(_, c)| c.as_str())).await?;
         let loaded = LoadedMessage::find_by_statement(stmt(LOAD, [uuid_array(messages.iter().map(|(id, _)| *id))]))
             .all(&tx)
             .await?;
+        if loaded.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut dimensions: HashMap<String, usize> = HashMap::new();
+        for m in &loaded {
+            let Some(embedding) = &m.embedding else {
+                return Err(RepoError::Db(DbErr::Custom(format!("embedded message {} has no embedding", m.row.id))));
+            };
+            dimensions.entry(m.row.creator_id.clone()).or_insert(embedding.as_slice().len());
+        }
+        sync_indexes(&tx, &dimensions, indexes, &config.params).await?;
 
         let now = Utc::now();
-        let mut drafts: BTreeMap<String, Vec<Draft>> = BTreeMap::new();
-        let mut assignments = Vec::with_capacity(loaded.len());
+        let params = &config.params;
+        let mut outcomes = Vec::with_capacity(loaded.len());
+        let mut created: Vec<NewCluster> = Vec::new();
+        // Joins per existing cluster: members added and the sum of their
+        // embeddings.
+        let mut joined: BTreeMap<Uuid, (i32, Vec<f32>)> = BTreeMap::new();
+        // Exact texts decided in this group (the database knows the rest).
+        let mut group_texts: HashMap<(String, Vec<u8>), Uuid> = HashMap::new();
         for message in loaded {
-            let Some(embedding) = message.embedding else {
-                return Err(RepoError::Db(DbErr::Custom(format!(
-                    "embedded message {} has no embedding",
-                    message.row.id
-                ))));
+            let embedding = message.embedding.map(|e| e.to_vec()).unwrap_or_default();
+            let creator = message.row.creator_id.clone();
+            let index = indexes
+                .get_mut(&creator)
+                .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("no index for creator {creator}"))))?;
+            let trigrams =
+                if params.trigram_enabled() { Trigrams::of(&message.row.text) } else { Trigrams::default() };
+            let text_key = (creator.clone(), message.norm_key);
+            let exact = group_texts.get(&text_key).copied().or(message.exact_id);
+            let decision = index.decide(exact, &trigrams, &embedding, params);
+            let cluster_id = match decision.cluster {
+                Some(id) => {
+                    index.join(id, &embedding, trigrams, params.trigram_members);
+                    let (size, sum) = match created.iter_mut().find(|c| c.id == id) {
+                        Some(new) => (&mut new.size, &mut new.centroid),
+                        None => {
+                            let entry = joined.entry(id).or_insert_with(|| (0, vec![0.0; embedding.len()]));
+                            (&mut entry.0, &mut entry.1)
+                        }
+                    };
+                    *size += 1;
+                    sum.iter_mut().zip(&embedding).for_each(|(s, x)| *s += x);
+                    id
+                }
+                None => {
+                    let mut cluster = OpenCluster::new(Uuid::now_v7(), embedding.clone(), 1);
+                    cluster.remember(trigrams, params.trigram_members);
+                    let id = cluster.id;
+                    index.insert(cluster);
+                    created.push(NewCluster {
+                        id,
+                        creator_id: creator,
+                        label: message.row.text.clone(),
+                        size: 1,
+                        centroid: embedding,
+                        suggested_response: None,
+                    });
+                    id
+                }
             };
-            let embedding = embedding.to_vec();
-            let draft = decide_one(&tx, message.row, &message.norm_key, embedding, params, now).await?;
-            assignments.push((draft.message.as_ref().map(|m| m.id), draft.cluster.id));
-            drafts.entry(draft.cluster.creator_id.clone()).or_default().push(draft);
+            tracing::trace!(message_id = %message.row.id, %cluster_id, reason = ?decision.reason, "decided");
+            group_texts.entry(text_key).or_insert(cluster_id);
+            outcomes.push(Outcome { message: message.row, cluster_id, created: decision.reason == Reason::New });
         }
-        if !assignments.is_empty() {
-            tx.execute_raw(stmt(
-                "UPDATE messages m SET status = 'clustered', cluster_id = a.cluster_id
-                 FROM unnest($1::uuid[], $2::uuid[]) AS a(id, cluster_id) WHERE m.id = a.id",
-                [
-                    uuid_array(assignments.iter().filter_map(|(m, _)| *m)),
-                    uuid_array(assignments.iter().map(|(_, c)| *c)),
-                ],
-            ))
-            .await?;
-        }
-        let published = events::append(&tx, drafts, now).await?;
+
+        suggest(&tx, &mut created, config.suggest_threshold).await?;
+        write_clusters(&tx, &created, &joined, now).await?;
+        let touched: Vec<Uuid> = created.iter().map(|c| c.id).chain(joined.keys().copied()).collect();
+        tx.execute_raw(stmt(
+            "UPDATE messages m SET status = 'clustered', cluster_id = a.cluster_id
+             FROM unnest($1::uuid[], $2::uuid[]) AS a(id, cluster_id) WHERE m.id = a.id",
+            [
+                uuid_array(outcomes.iter().map(|o| o.message.id)),
+                uuid_array(outcomes.iter().map(|o| o.cluster_id)),
+            ],
+        ))
+        .await?;
+        refresh_labels(&tx, &touched, config.label_exact_max).await?;
+        let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = ANY($1)");
+        let rows: HashMap<Uuid, ClusterView> = ClusterRow::find_by_statement(stmt(&sql, [uuid_array(touched)]))
+            .all(&tx)
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row.view()))
+            .collect();
+
+        let published = events::append(&tx, drafts(outcomes, &rows)?, now).await?;
         tx.commit().await?;
+        for event in &published {
+            if let Some(index) = indexes.peek_mut(event.creator_id.as_ref()) {
+                index.version = index.version.max(event.event_id);
+            }
+        }
         Ok(published)
     }
 }
 
-/// Decides one message and applies the cluster side of the decision; the
-/// message row itself is updated by the caller, for the whole group at once.
-async fn decide_one(
+/// Makes the index of every creator in `dimensions` current: those cached
+/// at the creator's last event id are kept, the others rebuilt.
+async fn sync_indexes(
     tx: &DatabaseTransaction,
-    row: MessageRow,
-    norm_key: &[u8],
-    embedding: Vec<f32>,
-    params: ClusterParams,
-    now: chrono::DateTime<Utc>,
-) -> Result<Draft, DbErr> {
-    let candidates = Candidates::find_by_statement(stmt(
-        DECIDE,
-        [
-            row.creator_id.clone().into(),
-            norm_key.to_vec().into(),
-            row.text.clone().into(),
-            params.trigram_threshold.into(),
-            PgVector::from(embedding.clone()).into(),
-        ],
-    ))
-    .one(tx)
-    .await?
-    .ok_or_else(|| DbErr::Custom("the decision query returned no row".into()))?;
-
-    let (kind, cluster) = match candidates.decide(&params) {
-        Decision::Join(cluster_id) => {
-            let sql = format!(
-                "UPDATE clusters SET size = size + 1, centroid = centroid + $2, updated_at = $3
-                 WHERE id = $1 RETURNING {CLUSTER_COLUMNS}"
-            );
-            let cluster = ClusterRow::find_by_statement(stmt(
-                &sql,
-                [cluster_id.into(), PgVector::from(embedding).into(), now.into()],
-            ))
-            .one(tx)
-            .await?
-            .ok_or_else(|| DbErr::Custom(format!("cluster {cluster_id} vanished under its creator's lock")))?;
-            (EventKind::ClusterUpdated, cluster)
+    dimensions: &HashMap<String, usize>,
+    indexes: &mut LruCache<String, CreatorIndex>,
+    params: &Params,
+) -> Result<(), DbErr> {
+    let creators: Vec<&String> = dimensions.keys().collect();
+    let versions: HashMap<String, i64> = tx
+        .query_all_raw(stmt(
+            "SELECT creator_id, last_event_id FROM creators WHERE creator_id = ANY($1)",
+            [text_array(creators.iter().map(|c| c.as_str()))],
+        ))
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("", "creator_id")?, row.try_get("", "last_event_id")?)))
+        .collect::<Result<_, DbErr>>()?;
+    let mut stale: Vec<&str> = Vec::new();
+    for creator in creators {
+        let version = versions.get(creator).copied().unwrap_or(0);
+        if indexes.get(creator).is_none_or(|index| index.version != version) {
+            indexes.put(creator.clone(), CreatorIndex::new(version, dimensions[creator]));
+            stale.push(creator);
         }
-        Decision::Create => {
-            let sql = format!(
-                "INSERT INTO clusters (id, creator_id, status, size, label, centroid, created_at, updated_at)
-                 VALUES ($1, $2, 'open', 1, $3, $4, $5, $5) RETURNING {CLUSTER_COLUMNS}"
-            );
-            let cluster = ClusterRow::find_by_statement(stmt(
-                &sql,
-                [
-                    Uuid::now_v7().into(),
-                    row.creator_id.clone().into(),
-                    row.text.clone().into(),
-                    PgVector::from(embedding).into(),
-                    now.into(),
-                ],
+    }
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let open = OpenRow::find_by_statement(stmt(LOAD_OPEN, [text_array(stale.iter().copied())])).all(tx).await?;
+    let mut recent: HashMap<Uuid, Vec<Trigrams>> = HashMap::new();
+    if params.trigram_enabled() && !open.is_empty() {
+        let rows = tx
+            .query_all_raw(stmt(
+                LOAD_RECENT,
+                [uuid_array(open.iter().map(|c| c.id)), (params.trigram_members as i64).into()],
             ))
-            .one(tx)
-            .await?
-            .ok_or_else(|| DbErr::Custom("cluster insert returned no row".into()))?;
-            (EventKind::ClusterCreated, cluster)
+            .await?;
+        for row in rows {
+            let (id, text): (Uuid, String) = (row.try_get("", "cluster_id")?, row.try_get("", "text")?);
+            recent.entry(id).or_default().push(Trigrams::of(&text));
         }
-    };
-    let cluster = cluster.view();
-    let mut message = row.view();
-    message.status = crate::protocol::MessageStatus::Clustered;
-    message.cluster_id = Some(cluster.id);
-    Ok(Draft { kind, cluster, message: Some(message), new_cluster: None })
+    }
+    for row in open {
+        let Some(index) = indexes.get_mut(&row.creator_id) else { continue };
+        let mut cluster = OpenCluster::new(row.id, row.centroid.to_vec(), i64::from(row.size));
+        // Newest first from the database; remembered oldest first.
+        for trigrams in recent.remove(&row.id).unwrap_or_default().into_iter().rev() {
+            cluster.remember(trigrams, params.trigram_members);
+        }
+        if cluster.sum.len() != index.dimensions() {
+            return Err(DbErr::Custom(format!("cluster {} has a centroid of another dimension", row.id)));
+        }
+        index.insert(cluster);
+    }
+    Ok(())
 }
+
+/// Fills `suggested_response` of the new clusters: one query for all.
+async fn suggest(tx: &DatabaseTransaction, created: &mut [NewCluster], threshold: f32) -> Result<(), DbErr> {
+    if created.is_empty() {
+        return Ok(());
+    }
+    let rows = tx
+        .query_all_raw(stmt(
+            SUGGEST,
+            [
+                text_array(created.iter().map(|c| c.creator_id.clone())),
+                text_array(created.iter().map(|c| vector_literal(&c.centroid))),
+                threshold.into(),
+            ],
+        ))
+        .await?;
+    for row in rows {
+        let position: i64 = row.try_get("", "position")?;
+        let response: String = row.try_get("", "response_text")?;
+        if let Some(cluster) = usize::try_from(position - 1).ok().and_then(|i| created.get_mut(i)) {
+            cluster.suggested_response = Some(response);
+        }
+    }
+    Ok(())
+}
+
+/// Inserts the new clusters and adds the joins to existing ones.
+async fn write_clusters(
+    tx: &DatabaseTransaction,
+    created: &[NewCluster],
+    joined: &BTreeMap<Uuid, (i32, Vec<f32>)>,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    if !created.is_empty() {
+        tx.execute_raw(stmt(
+            "INSERT INTO clusters (id, creator_id, status, size, label, centroid, suggested_response,
+                                   created_at, updated_at)
+             SELECT n.id, n.creator_id, 'open', n.size, n.label, n.centroid::vector, NULLIF(n.suggested, ''), $7, $7
+             FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[])
+                  AS n(id, creator_id, size, label, centroid, suggested)",
+            [
+                uuid_array(created.iter().map(|c| c.id)),
+                text_array(created.iter().map(|c| c.creator_id.clone())),
+                int_array(created.iter().map(|c| c.size)),
+                text_array(created.iter().map(|c| c.label.clone())),
+                text_array(created.iter().map(|c| vector_literal(&c.centroid))),
+                // '' for none (a response is never empty); sea-query
+                // cannot bind NULL elements of an array.
+                text_array(created.iter().map(|c| c.suggested_response.clone().unwrap_or_default())),
+                now.into(),
+            ],
+        ))
+        .await?;
+    }
+    if !joined.is_empty() {
+        tx.execute_raw(stmt(
+            "UPDATE clusters c SET size = c.size + a.n, centroid = c.centroid + a.delta::vector, updated_at = $4
+             FROM unnest($1::uuid[], $2::int[], $3::text[]) AS a(id, n, delta)
+             WHERE c.id = a.id",
+            [
+                uuid_array(joined.keys().copied()),
+                int_array(joined.values().map(|(n, _)| *n)),
+                text_array(joined.values().map(|(_, delta)| vector_literal(delta))),
+                now.into(),
+            ],
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// One event per message, in arrival order. Each carries the cluster as
+/// the transaction leaves it, with the size it had right after that
+/// message joined.
+fn drafts(outcomes: Vec<Outcome>, rows: &HashMap<Uuid, ClusterView>) -> Result<BTreeMap<String, Vec<Draft>>, DbErr> {
+    let mut remaining: HashMap<Uuid, i32> = HashMap::new();
+    for o in &outcomes {
+        *remaining.entry(o.cluster_id).or_default() += 1;
+    }
+    let mut drafts: BTreeMap<String, Vec<Draft>> = BTreeMap::new();
+    for o in outcomes {
+        let mut cluster = rows
+            .get(&o.cluster_id)
+            .cloned()
+            .ok_or_else(|| DbErr::Custom(format!("cluster {} vanished under its creator's lock", o.cluster_id)))?;
+        let left = remaining.get_mut(&o.cluster_id).expect("counted above");
+        *left -= 1;
+        cluster.size -= *left;
+        let mut message = o.message.view();
+        message.status = MessageStatus::Clustered;
+        message.cluster_id = Some(o.cluster_id);
+        let kind = if o.created { EventKind::ClusterCreated } else { EventKind::ClusterUpdated };
+        drafts.entry(cluster.creator_id.clone()).or_default().push(Draft {
+            kind,
+            cluster,
+            message: Some(message),
+            new_cluster: None,
+        });
+    }
+    Ok(drafts)
+}
+
+/// pgvector's text form, `[x,y,...]` (shortest round-trip digits).
+fn vector_literal(v: &[f32]) -> String {
+    let mut out = String::with_capacity(v.len() * 12 + 2);
+    out.push('[');
+    for (i, x) in v.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&x.to_string());
+    }
+    out.push(']');
+    out
+}
+
+fn int_array(items: impl IntoIterator<Item = i32>) -> Value {
+    Value::Array(ArrayType::Int, Some(Box::new(items.into_iter().map(|i| Value::Int(Some(i))).collect())))
+}
+
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn params() -> ClusterParams {
-        ClusterParams { trigram_threshold: 0.5, vector_threshold: 0.8 }
-    }
-
     #[test]
-    fn exact_beats_trigram_beats_vector() {
-        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        let all =
-            Candidates { exact_id: Some(a), trigram_id: Some(b), vector_id: Some(c), vector_similarity: Some(0.99) };
-        assert_eq!(all.decide(&params()), Decision::Join(a));
-        let no_exact = Candidates { exact_id: None, ..all };
-        assert_eq!(no_exact.decide(&params()), Decision::Join(b));
-        let vector_only = Candidates { trigram_id: None, ..no_exact };
-        assert_eq!(vector_only.decide(&params()), Decision::Join(c));
-    }
-
-    #[test]
-    fn vector_below_threshold_creates() {
-        let c = Candidates {
-            exact_id: None,
-            trigram_id: None,
-            vector_id: Some(Uuid::now_v7()),
-            vector_similarity: Some(0.79),
-        };
-        assert_eq!(c.decide(&params()), Decision::Create);
-        let none = Candidates { exact_id: None, trigram_id: None, vector_id: None, vector_similarity: None };
-        assert_eq!(none.decide(&params()), Decision::Create);
+    fn vector_literals_round_trip() {
+        let v = [0.1f32, -2.5, 1e-7, 3.0];
+        let text = vector_literal(&v);
+        assert_eq!(text, "[0.1,-2.5,0.0000001,3]");
+        let parsed: Vec<f32> =
+            text.trim_matches(['[', ']']).split(',').map(|x| x.parse().expect("a float")).collect();
+        assert_eq!(parsed, v);
     }
 }

@@ -365,6 +365,26 @@ impl Repository {
     }
 }
 
+/// Sets the label of each given cluster of at most `max_members` members
+/// to the text of its most representative member: the one closest to the
+/// centroid (cosine distance), the oldest among equals. One statement.
+pub(super) async fn refresh_labels(tx: &DatabaseTransaction, cluster_ids: &[Uuid], max_members: i64) -> Result<(), DbErr> {
+    use sea_orm::ConnectionTrait;
+    if cluster_ids.is_empty() {
+        return Ok(());
+    }
+    tx.execute_raw(stmt(
+        "UPDATE clusters c SET label = best.text
+         FROM clusters k
+         CROSS JOIN LATERAL (SELECT m.text FROM messages m WHERE m.cluster_id = k.id
+                             ORDER BY m.embedding <=> k.centroid, m.id LIMIT 1) AS best
+         WHERE k.id = ANY($1) AND k.size <= $2 AND c.id = k.id AND c.label IS DISTINCT FROM best.text",
+        [uuid_array(cluster_ids.iter().copied()), max_members.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
 fn single(mut events: Vec<StoredEvent>) -> Result<StoredEvent, RepoError> {
     events.pop().ok_or_else(|| RepoError::Db(DbErr::Custom("an event append returned nothing".into())))
 }

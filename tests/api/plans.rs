@@ -57,20 +57,25 @@ fn assert_uses(plan: &str, indexes: &[&str]) {
 async fn hot_queries_use_their_indexes() {
     let app = spawn_app_with(|s| s.embedder.dimensions = 8).await;
     populate(&app).await;
-    let vector = pgvector::Vector::from(vec![0.5f32; 8]);
-    let decide = || {
-        vec![
-            Value::from("creator-7"),
-            Value::from(vec![0u8; 32]),
-            Value::from("message label 150 1"),
-            Value::from(0.55f32),
-            Value::from(vector.clone()),
-        ]
+    let ids = Value::Array(
+        sea_orm::sea_query::ArrayType::Uuid,
+        Some(Box::new(vec![Value::Uuid(Some(uuid::Uuid::now_v7())), Value::Uuid(Some(uuid::Uuid::now_v7()))])),
+    );
+    let texts = |items: &[&str]| {
+        Value::Array(
+            sea_orm::sea_query::ArrayType::String,
+            Some(Box::new(items.iter().map(|s| Value::String(Some(s.to_string()))).collect())),
+        )
     };
+    let vector = "[0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5]";
     for generic in [false, true] {
-        let p = plan(&app, clusterd::repository::DECIDE_SQL, decide(), generic).await;
-        assert_uses(&p, &["clusters_open_by_creator", "messages_by_norm_key", "messages_by_cluster"]);
-
+        let p = plan(&app, clusterd::repository::LOAD_GROUP_SQL, vec![ids.clone()], generic).await;
+        assert_uses(&p, &["messages_pkey", "messages_by_norm_key", "clusters_pkey"]);
+        let p = plan(&app, clusterd::repository::LOAD_OPEN_SQL, vec![texts(&["creator-7", "creator-8"])], generic).await;
+        assert_uses(&p, &["clusters_open_by_creator"]);
+        let suggest = vec![texts(&["creator-7", "creator-8"]), texts(&[vector, vector]), Value::from(0.6f32)];
+        let p = plan(&app, clusterd::repository::SUGGEST_SQL, suggest, generic).await;
+        assert!(!p.contains("Seq Scan"), "{p}");
         let p =
             plan(&app, clusterd::repository::UNFINISHED_SQL, vec![chrono::Utc::now().into(), 1000i64.into()], generic)
                 .await;

@@ -4,8 +4,12 @@
 //! instances the creator's advisory lock (taken in the transaction)
 //! serialises decisions.
 //!
-//! A shard decides everything queued (up to `clustering.max_group`) in one
-//! transaction, then publishes the resulting events to the broadcaster.
+//! A shard owns the in-memory indexes of its creators' open clusters
+//! (`crate::clustering`), at most `clustering.cached_creators` of them,
+//! least recently used first out. It decides everything queued (up to
+//! `clustering.max_group`) in one transaction, which also brings each
+//! index up to date with the database, then publishes the resulting
+//! events to the broadcaster.
 //! When a group fails for a reason other than the database being away, its
 //! messages are decided one by one, and a message that fails alone is
 //! marked `failed` with the error: one bad message never holds up others.
@@ -18,13 +22,15 @@ use std::{
 };
 
 use actix::prelude::*;
+use lru::LruCache;
 use uuid::Uuid;
 
 use crate::{
     actors::broadcaster::{Broadcaster, Publish},
+    clustering::{CreatorIndex, Params},
     metrics::Metrics,
     protocol::EventKind,
-    repository::{ClusterParams, RepoError, Repository, StoredEvent},
+    repository::{DecideConfig, RepoError, Repository, StoredEvent},
     settings::ClusteringSettings,
 };
 
@@ -81,9 +87,14 @@ pub struct ClusteringShard {
     queue: VecDeque<ClusterItem>,
     /// Messages of a failed group, to be decided one per transaction.
     isolated: VecDeque<ClusterItem>,
+    /// Open-cluster indexes by creator; out of the actor while a group is
+    /// being decided (`busy`).
+    indexes: Option<LruCache<String, CreatorIndex>>,
     busy: bool,
     /// This shard's share of the queue gauge, which all shards add to.
     reported_queue: i64,
+    /// This shard's share of the indexed-creators gauge.
+    reported_indexes: i64,
 }
 
 impl ClusteringShard {
@@ -100,8 +111,10 @@ impl ClusteringShard {
             metrics,
             queue: VecDeque::new(),
             isolated: VecDeque::new(),
+            indexes: Some(LruCache::unbounded()),
             busy: false,
             reported_queue: 0,
+            reported_indexes: 0,
         }
     }
 
@@ -123,16 +136,33 @@ impl ClusteringShard {
             return;
         }
         self.busy = true;
-        let params = ClusterParams {
-            trigram_threshold: self.settings.trigram_threshold,
-            vector_threshold: self.settings.vector_threshold,
+        let config = DecideConfig {
+            params: Params::from(&self.settings),
+            suggest_threshold: self.settings.suggest_threshold,
+            label_exact_max: self.settings.label_exact_max,
         };
+        let mut indexes = self.indexes.take().unwrap_or_else(LruCache::unbounded);
         let repo = self.repo.clone();
         let started = Instant::now();
         let ids: Vec<(Uuid, String)> = group.iter().map(|i| (i.id, i.creator_id.clone())).collect();
-        let work = async move { repo.cluster_messages(&ids, params).await };
-        ctx.spawn(work.into_actor(self).map(move |result, act, ctx| {
+        let work = async move {
+            let result = repo.cluster_messages(&ids, &mut indexes, &config).await;
+            (indexes, result)
+        };
+        ctx.spawn(work.into_actor(self).map(move |(mut indexes, result), act, ctx| {
             act.busy = false;
+            if result.is_err() {
+                // The indexes may hold decisions that were rolled back.
+                for item in &group {
+                    indexes.pop(&item.creator_id);
+                }
+            }
+            while indexes.len() > act.settings.cached_creators {
+                indexes.pop_lru();
+            }
+            act.metrics.cluster_indexed_creators.add(indexes.len() as i64 - act.reported_indexes);
+            act.reported_indexes = indexes.len() as i64;
+            act.indexes = Some(indexes);
             act.metrics.cluster_commit_seconds.observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(events) => act.published(events),
@@ -187,6 +217,7 @@ impl Supervised for ClusteringShard {
         // Queued messages are `embedded` in the database: the sweep finds them.
         self.queue.clear();
         self.isolated.clear();
+        self.indexes = Some(LruCache::unbounded());
         self.busy = false;
     }
 }

@@ -1,0 +1,59 @@
+//! The clustering decision, in memory: per creator, an index of its open
+//! clusters (summed centroids and the trigrams of recent members), and the
+//! rule that places a new message. The database stays the truth: the
+//! clustering actor rebuilds a creator's index from it whenever anything
+//! else changed the creator's clusters (see `actors::clustering`).
+//!
+//! The rule, in the order of SPEC's clustering semantics:
+//! 1. identical normalised text in an open cluster: join it;
+//! 2. the best trigram match among recent open-cluster members, at or above
+//!    `trigram_threshold`: join its cluster;
+//! 3. the nearest open centroid by cosine similarity `s1`, if it stands
+//!    out: `s1 >= vector_threshold` and `s1` lies at least `vector_z`
+//!    standard deviations above the mean similarity of the message to all
+//!    the creator's open clusters. The bar therefore adapts to the data:
+//!    where a creator's questions are all alike (a fine-grained domain),
+//!    the mean and the spread rise and so does the bar; where they are
+//!    varied, a looser paraphrase still joins. With fewer than
+//!    `min_reference_clusters` open clusters there is no spread to measure
+//!    and `cold_threshold` applies instead;
+//! 4. otherwise a new cluster.
+
+mod index;
+pub mod trigram;
+
+pub use index::{CreatorIndex, Decision, OpenCluster, Reason};
+
+use crate::settings::ClusteringSettings;
+
+/// The parameters of the decision (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Params {
+    pub trigram_threshold: f32,
+    pub vector_threshold: f32,
+    pub vector_z: f32,
+    pub min_reference_clusters: usize,
+    pub cold_threshold: f32,
+    /// Recent members per open cluster whose trigrams are kept.
+    pub trigram_members: usize,
+}
+
+impl Params {
+    /// Whether the trigram step runs at all.
+    pub fn trigram_enabled(&self) -> bool {
+        self.trigram_members > 0
+    }
+}
+
+impl From<&ClusteringSettings> for Params {
+    fn from(s: &ClusteringSettings) -> Self {
+        Self {
+            trigram_threshold: s.trigram_threshold,
+            vector_threshold: s.vector_threshold,
+            vector_z: s.vector_z,
+            min_reference_clusters: s.min_reference_clusters,
+            cold_threshold: s.cold_threshold,
+            trigram_members: s.trigram_members,
+        }
+    }
+}
