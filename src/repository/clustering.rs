@@ -218,7 +218,7 @@ async fn decide_one(
     let mut message = row.view();
     message.status = crate::protocol::MessageStatus::Clustered;
     message.cluster_id = Some(cluster.id);
-    Ok(Draft { kind, cluster, message: Some(message), new_cluster: None })
+    Ok(Draft { message: Some(message), ..Draft::new(kind, cluster) })
 }
 
 #[cfg(test)]

@@ -32,6 +32,10 @@ pub enum RepoError {
     Unavailable(#[source] DbErr),
     #[error("not found")]
     NotFound,
+    /// One of several things a request names does not exist; the message
+    /// says which (where a bare `NotFound` would leave the client guessing).
+    #[error("{0}")]
+    Missing(String),
     #[error("{0}")]
     Conflict(String),
     /// A parameter that cannot apply (a cursor from elsewhere, say).
