@@ -354,6 +354,44 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<serde_json::Value>,
     },
+    /// `POST /v1/clusters/{cluster_id}/action`.
+    Action {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        cluster_id: String,
+        response_text: String,
+    },
+    /// `DELETE /v1/clusters/{cluster_id}/messages/{message_id}`.
+    Remove {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        cluster_id: String,
+        message_id: String,
+    },
+    /// `POST /v1/clusters/{cluster_id}/merge`.
+    Merge {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        cluster_id: String,
+        cluster_ids: Vec<String>,
+    },
+    /// `POST /v1/messages/{message_id}/move`.
+    Move {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        message_id: String,
+        cluster_id: String,
+    },
+}
+
+/// A creator operation, as named in a WebSocket `result` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Action,
+    Remove,
+    Merge,
+    Move,
 }
 
 /// Replies the server sends to client frames (events are [`EventFrame`]).
@@ -382,6 +420,14 @@ pub enum ServerFrame {
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<serde_json::Value>,
+    },
+    /// The answer to a creator operation: `result` is the body its HTTP
+    /// endpoint answers with 200.
+    Result {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        op: Operation,
+        result: serde_json::Value,
     },
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]
