@@ -208,6 +208,33 @@ pub struct ActionInput {
     pub response_text: String,
 }
 
+/// `POST /v1/clusters/{id}/merge`: the clusters to merge into `{id}`.
+/// Ids stay strings: one that is not an id names nothing (404, not 400).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeInput {
+    pub cluster_ids: Vec<String>,
+}
+
+/// `POST /v1/messages/{id}/move`: the open cluster the message moves to.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveInput {
+    pub cluster_id: String,
+}
+
+/// `POST /v1/messages/{id}/move`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoveResult {
+    /// The cluster the message moved to.
+    pub cluster: ClusterView,
+    /// The cluster it left; `None` when the message was its only member and
+    /// the emptied cluster was deleted.
+    pub from_cluster: Option<ClusterView>,
+    /// The message, now in `cluster`.
+    pub message: MessageView,
+}
+
 /// `DELETE /v1/clusters/{id}/messages/{message_id}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RemoveResult {
@@ -265,6 +292,18 @@ pub struct EventFrame {
     /// `message.removed` only: the singleton cluster the message moved to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_cluster: Option<ClusterView>,
+    /// `cluster.merged` only: the clusters merged into `cluster`, which no
+    /// longer exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_cluster_ids: Option<Vec<Uuid>>,
+    /// A move only (`cluster.updated` by a creator): the cluster the message
+    /// left. Present on every move, even when that cluster was deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_cluster_id: Option<Uuid>,
+    /// A move only: the cluster the message left, after the move; absent
+    /// when the message was its only member and it was deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_cluster: Option<ClusterView>,
     pub at: DateTime<Utc>,
 }
 
@@ -315,6 +354,44 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<serde_json::Value>,
     },
+    /// `POST /v1/clusters/{cluster_id}/action`.
+    Action {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        cluster_id: String,
+        response_text: String,
+    },
+    /// `DELETE /v1/clusters/{cluster_id}/messages/{message_id}`.
+    Remove {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        cluster_id: String,
+        message_id: String,
+    },
+    /// `POST /v1/clusters/{cluster_id}/merge`.
+    Merge {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        cluster_id: String,
+        cluster_ids: Vec<String>,
+    },
+    /// `POST /v1/messages/{message_id}/move`.
+    Move {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        message_id: String,
+        cluster_id: String,
+    },
+}
+
+/// A creator operation, as named in a WebSocket `result` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Action,
+    Remove,
+    Merge,
+    Move,
 }
 
 /// Replies the server sends to client frames (events are [`EventFrame`]).
@@ -343,6 +420,14 @@ pub enum ServerFrame {
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<serde_json::Value>,
+    },
+    /// The answer to a creator operation: `result` is the body its HTTP
+    /// endpoint answers with 200.
+    Result {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        op: Operation,
+        result: serde_json::Value,
     },
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -45,7 +45,7 @@ impl Application {
         schema::migrate(&db).await.context("migrations failed")?;
         schema::pin_dimension(&db, settings.embedder.dimensions).await.context("embedding dimension")?;
         schema::sync_hnsw(&db, &settings.index).await.context("HNSW index")?;
-        let repo = Repository::new(db);
+        let repo = Repository::new(db).with_label_exact_max(settings.clustering.label_exact_max);
 
         let metrics = Arc::new(Metrics::new());
         let provider = Provider::build(&settings.embedder, metrics.embed_provider_retries.clone())

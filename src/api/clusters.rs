@@ -1,14 +1,16 @@
-//! Cluster reads and creator operations.
+//! Cluster reads and the creator operations (action, remove, merge, move),
+//! shared by HTTP and WebSocket.
 
 use actix_web::{HttpResponse, http::StatusCode, web};
 use serde::Deserialize;
+use uuid::Uuid;
 
 use super::{ApiError, ApiState, json, parse_id};
 use crate::{
     actors::broadcaster::Publish,
     domain::validate,
-    protocol::ActionInput,
-    repository::{ClusterFilter, ClusterSort, ListQuery, RepoError},
+    protocol::{self, ActionInput, ClusterView, MergeInput, MoveInput, MoveResult, RemoveResult},
+    repository::{ClusterFilter, ClusterSort, ListQuery, RepoError, StoredEvent},
 };
 
 const DEFAULT_LIST_LIMIT: u32 = 20;
@@ -89,29 +91,101 @@ pub async fn detail(
     Ok(json(StatusCode::OK, &detail))
 }
 
-#[tracing::instrument(skip(state, body))]
-pub async fn action(
+/// Parses a JSON body that must be an object (a derived deserialiser would
+/// also take an array as positional fields).
+fn body<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    protocol::from_object(value).map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+}
+
+// The creator operations. The HTTP handlers below and the WebSocket
+// session both call these: each validates, runs its one transaction,
+// publishes its one event once committed, and returns the answer's body.
+
+/// Answers a cluster and closes it.
+#[tracing::instrument(skip(state, response_text))]
+pub(super) async fn action(state: &ApiState, cluster_id: &str, response_text: &str) -> Result<ClusterView, ApiError> {
+    let id = parse_id(cluster_id, "cluster")?;
+    validate::message_text("response_text", response_text, &state.settings.limits)?;
+    let (cluster, event) = state.repo.action_cluster(id, response_text).await.map_err(missing("cluster"))?;
+    publish(state, event);
+    Ok(cluster)
+}
+
+/// Splits a message out of its cluster into a new singleton cluster.
+#[tracing::instrument(skip(state))]
+pub(super) async fn remove(state: &ApiState, cluster_id: &str, message_id: &str) -> Result<RemoveResult, ApiError> {
+    let cluster_id = parse_id(cluster_id, "cluster")?;
+    let message_id = parse_id(message_id, "message")?;
+    let (result, event) =
+        state.repo.remove_message(cluster_id, message_id).await.map_err(missing("message in that cluster"))?;
+    publish(state, event);
+    Ok(result)
+}
+
+/// Merges `cluster_ids` into `cluster_id`.
+#[tracing::instrument(skip(state))]
+pub(super) async fn merge(state: &ApiState, cluster_id: &str, cluster_ids: &[String]) -> Result<ClusterView, ApiError> {
+    let target = parse_id(cluster_id, "cluster")?;
+    validate::merge_sources(cluster_id, cluster_ids)?;
+    let sources = cluster_ids
+        .iter()
+        .map(|id| id.parse().map_err(|_| ApiError::NotFound(format!("cluster {id} not found"))))
+        .collect::<Result<Vec<Uuid>, _>>()?;
+    let (cluster, event) = state.repo.merge_clusters(target, &sources).await?;
+    publish(state, event);
+    Ok(cluster)
+}
+
+/// Moves a message into another open cluster.
+#[tracing::instrument(skip(state))]
+pub(super) async fn move_message(state: &ApiState, message_id: &str, cluster_id: &str) -> Result<MoveResult, ApiError> {
+    let message_id = parse_id(message_id, "message")?;
+    let cluster_id = parse_id(cluster_id, "cluster")?;
+    let (result, event) = state.repo.move_message(message_id, cluster_id).await?;
+    publish(state, event);
+    Ok(result)
+}
+
+/// Hands a committed event to the broadcaster.
+fn publish(state: &ApiState, event: StoredEvent) {
+    state.pipeline.broadcaster.do_send(Publish { events: vec![event] });
+}
+
+#[tracing::instrument(skip(state, input))]
+pub async fn post_action(
     state: web::Data<ApiState>,
     path: web::Path<String>,
-    body: web::Json<ActionInput>,
+    input: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = parse_id(&path, "cluster")?;
-    validate::message_text("response_text", &body.response_text, &state.settings.limits)?;
-    let (cluster, event) = state.repo.action_cluster(id, &body.response_text).await.map_err(missing("cluster"))?;
-    state.pipeline.broadcaster.do_send(Publish { events: vec![event] });
-    Ok(json(StatusCode::OK, &cluster))
+    let input: ActionInput = body(input.into_inner())?;
+    Ok(json(StatusCode::OK, &action(&state, &path, &input.response_text).await?))
 }
 
 #[tracing::instrument(skip(state))]
-pub async fn remove_message(
+pub async fn delete_message(
     state: web::Data<ApiState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (cluster_id, message_id) = path.into_inner();
-    let cluster_id = parse_id(&cluster_id, "cluster")?;
-    let message_id = parse_id(&message_id, "message")?;
-    let (result, event) =
-        state.repo.remove_message(cluster_id, message_id).await.map_err(missing("message in that cluster"))?;
-    state.pipeline.broadcaster.do_send(Publish { events: vec![event] });
-    Ok(json(StatusCode::OK, &result))
+    Ok(json(StatusCode::OK, &remove(&state, &cluster_id, &message_id).await?))
+}
+
+#[tracing::instrument(skip(state, input))]
+pub async fn post_merge(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+    input: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let input: MergeInput = body(input.into_inner())?;
+    Ok(json(StatusCode::OK, &merge(&state, &path, &input.cluster_ids).await?))
+}
+
+#[tracing::instrument(skip(state, input))]
+pub async fn post_move(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+    input: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let input: MoveInput = body(input.into_inner())?;
+    Ok(json(StatusCode::OK, &move_message(&state, &path, &input.cluster_id).await?))
 }

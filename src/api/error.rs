@@ -101,6 +101,7 @@ impl From<RepoError> for ApiError {
                 Self::Unavailable("the database is unavailable; retry later".into())
             }
             RepoError::NotFound => Self::NotFound("not found".into()),
+            RepoError::Missing(m) => Self::NotFound(m),
             RepoError::Conflict(m) => Self::Conflict(m),
             RepoError::Invalid(m) => Self::InvalidRequest(m),
             RepoError::Db(e) => Self::Internal(e.to_string()),

@@ -1,24 +1,30 @@
 //! `GET /v1/ws`: one task per connection.
 //!
-//! The task selects over the client's frames, the acks of its in-flight
-//! ingests (kept in frame order), its bounded channel of live events from
-//! the broadcaster, and a heartbeat tick. It only parses, validates,
-//! forwards and serialises; ordering per creator is kept by remembering the
-//! last event id delivered and filling any gap from the durable log, so a
-//! subscriber sees every event exactly once, in order.
+//! The task selects over the client's frames, the replies of its in-flight
+//! ingests and creator operations (kept in frame order), its bounded channel
+//! of live events from the broadcaster, and a heartbeat tick. It only
+//! parses, validates, forwards and serialises; ordering per creator is kept
+//! by remembering the last event id delivered and filling any gap from the
+//! durable log, so a subscriber sees every event exactly once, in order.
+//!
+//! Creator operations (`action`, `remove`, `merge`, `move`) call the same
+//! functions as their HTTP endpoints and run one after another in frame
+//! order (each waits for the one before it), so a client that merges and
+//! then actions a cluster gets exactly that; the session keeps reading and
+//! answering other frames meanwhile.
 
-use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Instant};
+use std::{collections::HashMap, future::Future, sync::Arc, sync::atomic::Ordering, time::Instant};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use futures_util::{StreamExt, future::LocalBoxFuture, stream::FuturesOrdered};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use super::{ApiError, ApiState, messages};
+use super::{ApiError, ApiState, clusters, messages};
 use crate::{
     actors::broadcaster::{Disconnect, SessionId, Subscribe, Unsubscribe},
     domain::validate,
-    protocol::{ClientFrame, ErrorBody, ServerFrame},
+    protocol::{ClientFrame, ErrorBody, Operation, ServerFrame},
     repository::StoredEvent,
 };
 
@@ -41,6 +47,7 @@ pub async fn connect(
         subscriptions: HashMap::new(),
         events: None,
         replies: FuturesOrdered::new(),
+        last_op: None,
     };
     actix_web::rt::spawn(session.run(stream));
     Ok(response)
@@ -62,8 +69,11 @@ struct WsSession {
     subscriptions: HashMap<Arc<str>, i64>,
     /// Live events of every subscribed creator; `None` without any.
     events: Option<mpsc::Receiver<StoredEvent>>,
-    /// Replies to ingest frames, in frame order.
+    /// Replies to ingest and operation frames, in frame order.
     replies: FuturesOrdered<LocalBoxFuture<'static, String>>,
+    /// Resolves when the latest queued operation has finished (its sender
+    /// is dropped then); the next operation waits for it.
+    last_op: Option<oneshot::Receiver<()>>,
 }
 
 impl WsSession {
@@ -166,6 +176,36 @@ impl WsSession {
                 }));
                 Ok(())
             }
+            ClientFrame::Action { id, cluster_id, response_text } => {
+                let state = self.state.clone();
+                self.queue_op(id, Operation::Action, async move {
+                    clusters::action(&state, &cluster_id, &response_text).await
+                });
+                Ok(())
+            }
+            ClientFrame::Remove { id, cluster_id, message_id } => {
+                let state = self.state.clone();
+                self.queue_op(id, Operation::Remove, async move {
+                    clusters::remove(&state, &cluster_id, &message_id).await
+                });
+                Ok(())
+            }
+            ClientFrame::Merge { id, cluster_id, cluster_ids } => {
+                let state = self.state.clone();
+                self.queue_op(
+                    id,
+                    Operation::Merge,
+                    async move { clusters::merge(&state, &cluster_id, &cluster_ids).await },
+                );
+                Ok(())
+            }
+            ClientFrame::Move { id, message_id, cluster_id } => {
+                let state = self.state.clone();
+                self.queue_op(id, Operation::Move, async move {
+                    clusters::move_message(&state, &message_id, &cluster_id).await
+                });
+                Ok(())
+            }
             ClientFrame::Subscribe { id, creator_id, since } => match self.subscribe(&creator_id, since).await {
                 Ok(last_event_id) => {
                     self.reply(ServerFrame::Subscribed { id, creator_id: creator_id.clone(), last_event_id }).await?;
@@ -185,6 +225,34 @@ impl WsSession {
                 self.reply(ServerFrame::Unsubscribed { id, creator_id }).await
             }
         }
+    }
+
+    /// Queues a creator operation: it starts once the previous one has
+    /// finished, and its `result` (or error) frame takes its place among
+    /// the replies.
+    fn queue_op<T, F>(&mut self, id: Option<serde_json::Value>, op: Operation, run: F)
+    where
+        T: serde::Serialize,
+        F: Future<Output = Result<T, ApiError>> + 'static,
+    {
+        let (done, finished) = oneshot::channel::<()>();
+        let previous = self.last_op.replace(finished);
+        self.replies.push_back(Box::pin(async move {
+            if let Some(previous) = previous {
+                // Err only means "finished": its sender was dropped.
+                let _ = previous.await;
+            }
+            let frame = match run.await {
+                Ok(body) => ServerFrame::Result {
+                    id,
+                    op,
+                    result: serde_json::to_value(body).expect("operation results serialise"),
+                },
+                Err(error) => error_frame(id, &error),
+            };
+            drop(done);
+            serde_json::to_string(&frame).expect("server frames serialise")
+        }));
     }
 
     /// Registers for live events, then reads where the log stands: every

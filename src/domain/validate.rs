@@ -17,6 +17,7 @@ pub const MAX_VISITOR_NAME_CHARS: usize = 256;
 pub const MAX_AVATAR_URL_CHARS: usize = 2048;
 pub const MAX_RAW_PAYLOAD_BYTES: usize = 64 * 1024;
 pub const MAX_RAW_PAYLOAD_DEPTH: usize = 32;
+pub const MAX_MERGE_SOURCES: usize = 100;
 
 /// Why an input was refused: the API maps `TooLarge` to 413 and `Invalid`
 /// to 400.
@@ -87,6 +88,32 @@ fn short_field(name: &str, value: &str, max: usize) -> Result<(), ValidationErro
     }
     if value.chars().any(char::is_control) {
         return Err(invalid(format!("{name} must not contain control characters")));
+    }
+    Ok(())
+}
+
+/// The list of clusters to merge into `target`: 1 to 100 ids, no id twice,
+/// not the target itself. Ids compare as UUIDs where they parse (so case
+/// does not hide a duplicate); whether each names a cluster is for the
+/// caller to find out.
+pub fn merge_sources(target: &str, ids: &[String]) -> Result<(), ValidationError> {
+    if ids.is_empty() || ids.len() > MAX_MERGE_SOURCES {
+        return Err(invalid(format!(
+            "cluster_ids must hold 1 to {MAX_MERGE_SOURCES} cluster ids; it holds {}",
+            ids.len()
+        )));
+    }
+    let key = |id: &str| id.parse::<Uuid>().map_or_else(|_| id.to_owned(), |u| u.to_string());
+    let target = key(target);
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    for id in ids {
+        let k = key(id);
+        if k == target {
+            return Err(invalid(format!("cluster_ids must not contain the target cluster {id}")));
+        }
+        if !seen.insert(k) {
+            return Err(invalid(format!("cluster_ids holds {id} twice")));
+        }
     }
     Ok(())
 }
@@ -183,6 +210,23 @@ mod tests {
 
     fn check(i: MessageInput) -> Result<NewMessage, ValidationError> {
         message(i, &limits(), Utc::now())
+    }
+
+    #[test]
+    fn merge_source_lists() {
+        let target = "0199a5c4-7e5f-7b1a-9d0e-3f2a1b4c5d6e";
+        let other = "0199a5c4-7e5f-7b1a-9d0e-3f2a1b4c5d6f";
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(merge_sources(target, &ids(&[other])).is_ok());
+        assert!(merge_sources(target, &ids(&[other, "not-an-id"])).is_ok(), "existence is the caller's");
+        assert!(merge_sources(target, &[]).is_err());
+        assert!(merge_sources(target, &ids(&[other, other])).is_err());
+        assert!(merge_sources(target, &ids(&[other, &other.to_uppercase()])).is_err(), "the same UUID");
+        assert!(merge_sources(target, &ids(&["x", "x"])).is_err());
+        assert!(merge_sources(target, &ids(&[&target.to_uppercase()])).is_err(), "the target itself");
+        let many: Vec<String> = (0..=MAX_MERGE_SOURCES).map(|_| Uuid::now_v7().to_string()).collect();
+        assert!(merge_sources(target, &many[..MAX_MERGE_SOURCES]).is_ok());
+        assert!(merge_sources(target, &many).is_err());
     }
 
     #[test]

@@ -49,8 +49,6 @@ pub struct DecideConfig {
     /// Cosine similarity to an actioned cluster from which a new cluster
     /// carries that cluster's response as `suggested_response`.
     pub suggest_threshold: f32,
-    /// Clusters up to this size get their label recomputed exactly.
-    pub label_exact_max: i64,
 }
 
 /// The messages of the group that still need a decision, locked, each with
@@ -229,7 +227,7 @@ impl Repository {
             ],
         ))
         .await?;
-        refresh_labels(&tx, &touched, config.label_exact_max).await?;
+        refresh_labels(&tx, &touched, self.label_exact_max).await?;
         let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = ANY($1)");
         let rows: HashMap<Uuid, ClusterView> = ClusterRow::find_by_statement(stmt(&sql, [uuid_array(touched)]))
             .all(&tx)
@@ -398,12 +396,10 @@ fn drafts(outcomes: Vec<Outcome>, rows: &HashMap<Uuid, ClusterView>) -> Result<B
         message.status = MessageStatus::Clustered;
         message.cluster_id = Some(o.cluster_id);
         let kind = if o.created { EventKind::ClusterCreated } else { EventKind::ClusterUpdated };
-        drafts.entry(cluster.creator_id.clone()).or_default().push(Draft {
-            kind,
-            cluster,
-            message: Some(message),
-            new_cluster: None,
-        });
+        drafts
+            .entry(cluster.creator_id.clone())
+            .or_default()
+            .push(Draft { message: Some(message), ..Draft::new(kind, cluster) });
     }
     Ok(drafts)
 }

@@ -1,9 +1,12 @@
 //! Clusters: listing and detail reads, and the creator operations (action,
-//! remove), each one transaction under the creator's lock and one event.
+//! remove, merge, move), each one transaction under the creator's lock and
+//! one event. Every operation keeps a cluster's size, centroid (the sum of
+//! its members' embeddings) and label (its most representative member, see
+//! [`refresh_labels`]) true to its members.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
-use sea_orm::{DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait, prelude::PgVector};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait, prelude::PgVector};
 use uuid::Uuid;
 
 use super::{
@@ -13,7 +16,9 @@ use super::{
     messages::{MESSAGE_COLUMNS, MessageRow},
     stmt, uuid_array,
 };
-use crate::protocol::{ClusterDetail, ClusterList, ClusterStatus, ClusterView, EventKind, MessageView, RemoveResult};
+use crate::protocol::{
+    ClusterDetail, ClusterList, ClusterStatus, ClusterView, EventKind, MessageView, MoveResult, RemoveResult,
+};
 
 /// The columns of a cluster as the API shows it (never the centroid).
 pub(super) const CLUSTER_COLUMNS: &str =
@@ -251,9 +256,7 @@ impl Repository {
             .await?
             .ok_or(RepoError::NotFound)?
             .view();
-        let draft =
-            Draft { kind: EventKind::ClusterActioned, cluster: cluster.clone(), message: None, new_cluster: None };
-        let event = single(events::append(&tx, [(cluster.creator_id.clone(), vec![draft])].into(), now).await?)?;
+        let event = append_one(&tx, Draft::new(EventKind::ClusterActioned, cluster.clone()), now).await?;
         tx.commit().await?;
         Ok((cluster, event))
     }
@@ -268,12 +271,6 @@ impl Repository {
         message_id: Uuid,
     ) -> Result<(RemoveResult, StoredEvent), RepoError> {
         let (tx, cluster) = self.begin_on_cluster(cluster_id).await?;
-        #[derive(FromQueryResult)]
-        struct Member {
-            #[sea_orm(nested)]
-            row: MessageRow,
-            embedding: Option<PgVector>,
-        }
         let sql =
             format!("SELECT {MESSAGE_COLUMNS}, embedding FROM messages WHERE id = $1 AND cluster_id = $2 FOR UPDATE");
         let member = Member::find_by_statement(stmt(&sql, [message_id.into(), cluster_id.into()]))
@@ -285,34 +282,9 @@ impl Repository {
                 "message {message_id} is the only message of cluster {cluster_id}"
             )));
         }
-        let embedding = member
-            .embedding
-            .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("clustered message {message_id} has no embedding"))))?
-            .to_vec();
+        let embedding = member.embedding()?;
         let now = Utc::now();
-        // The label follows the members: when it was the leaving message's
-        // text, the oldest remaining member's text replaces it.
-        let sql = format!(
-            "UPDATE clusters SET size = size - 1, centroid = centroid - $2, updated_at = $3,
-                 label = CASE WHEN label = $4 THEN COALESCE(
-                     (SELECT text FROM messages WHERE cluster_id = $1 AND id <> $5 ORDER BY id LIMIT 1), label)
-                   ELSE label END
-             WHERE id = $1 RETURNING {CLUSTER_COLUMNS}"
-        );
-        let left = ClusterRow::find_by_statement(stmt(
-            &sql,
-            [
-                cluster_id.into(),
-                PgVector::from(embedding.clone()).into(),
-                now.into(),
-                member.row.text.clone().into(),
-                message_id.into(),
-            ],
-        ))
-        .one(&tx)
-        .await?
-        .ok_or(RepoError::NotFound)?
-        .view();
+        leave(&tx, cluster_id, &embedding, now).await?;
 
         let sql = format!(
             "INSERT INTO clusters (id, creator_id, status, size, label, centroid, created_at, updated_at)
@@ -322,9 +294,9 @@ impl Repository {
             &sql,
             [
                 Uuid::now_v7().into(),
-                left.creator_id.clone().into(),
+                cluster.creator_id.clone().into(),
                 member.row.text.clone().into(),
-                PgVector::from(embedding).into(),
+                embedding.into(),
                 now.into(),
             ],
         ))
@@ -332,24 +304,180 @@ impl Repository {
         .await?
         .ok_or_else(|| RepoError::Db(DbErr::Custom("cluster insert returned no row".into())))?
         .view();
-        use sea_orm::ConnectionTrait;
         tx.execute_raw(stmt(
             "UPDATE messages SET cluster_id = $2 WHERE id = $1",
             [message_id.into(), singleton.id.into()],
         ))
         .await?;
+        refresh_labels(&tx, &[cluster_id], self.label_exact_max).await?;
+        let left = cluster_in(&tx, cluster_id).await?;
         let mut message = member.row.view();
         message.cluster_id = Some(singleton.id);
 
         let draft = Draft {
-            kind: EventKind::MessageRemoved,
-            cluster: left.clone(),
             message: Some(message.clone()),
             new_cluster: Some(singleton),
+            ..Draft::new(EventKind::MessageRemoved, left.clone())
         };
-        let event = single(events::append(&tx, [(left.creator_id.clone(), vec![draft])].into(), now).await?)?;
+        let event = append_one(&tx, draft, now).await?;
         tx.commit().await?;
         Ok((RemoveResult { cluster: left, message }, event))
+    }
+
+    /// Merges the open clusters `sources` into the open cluster `target`, all
+    /// of one creator: their messages move to the target, whose size and
+    /// centroid become the sums, and the sources are deleted. `Missing` if
+    /// any of them does not exist or belongs to another creator; `Conflict`
+    /// if any is actioned. The caller checks that `sources` is non-empty,
+    /// without duplicates and without `target`.
+    #[tracing::instrument(skip(self))]
+    pub async fn merge_clusters(
+        &self,
+        target: Uuid,
+        sources: &[Uuid],
+    ) -> Result<(ClusterView, StoredEvent), RepoError> {
+        let (tx, cluster) = self.begin_on_cluster(target).await.map_err(|e| match e {
+            RepoError::NotFound => RepoError::Missing(format!("cluster {target} not found")),
+            other => other,
+        })?;
+        // Another creator's clusters are not even locked: to this creator
+        // they name nothing.
+        let sql = format!(
+            "SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = ANY($1) AND creator_id = $2 ORDER BY id FOR UPDATE"
+        );
+        let found: Vec<ClusterView> = ClusterRow::find_by_statement(stmt(
+            &sql,
+            [uuid_array(sources.iter().copied()), cluster.creator_id.clone().into()],
+        ))
+        .all(&tx)
+        .await?
+        .into_iter()
+        .map(ClusterRow::view)
+        .collect();
+        if let Some(missing) = sources.iter().find(|id| !found.iter().any(|c| c.id == **id)) {
+            return Err(RepoError::Missing(format!("cluster {missing} not found")));
+        }
+        if let Some(closed) = std::iter::once(&cluster).chain(&found).find(|c| c.status == ClusterStatus::Actioned) {
+            return Err(RepoError::Conflict(format!("cluster {} is actioned; only open clusters merge", closed.id)));
+        }
+
+        let now = Utc::now();
+        let ids = uuid_array(sources.iter().copied());
+        tx.execute_raw(stmt(
+            "UPDATE messages SET cluster_id = $1 WHERE cluster_id = ANY($2)",
+            [target.into(), ids.clone()],
+        ))
+        .await?;
+        // Centroids are sums of member embeddings, so the merged centroid is
+        // the sum of the centroids (pgvector's `sum` aggregate).
+        tx.execute_raw(stmt(
+            "UPDATE clusters c SET size = c.size + s.size, centroid = c.centroid + s.centroid, updated_at = $3
+             FROM (SELECT sum(size)::integer AS size, sum(centroid) AS centroid
+                   FROM clusters WHERE id = ANY($2)) AS s
+             WHERE c.id = $1",
+            [target.into(), ids.clone(), now.into()],
+        ))
+        .await?;
+        tx.execute_raw(stmt("DELETE FROM clusters WHERE id = ANY($1)", [ids])).await?;
+        refresh_labels(&tx, &[target], self.label_exact_max).await?;
+        let merged = cluster_in(&tx, target).await?;
+
+        let draft = Draft {
+            merged_cluster_ids: Some(sources.to_vec()),
+            ..Draft::new(EventKind::ClusterMerged, merged.clone())
+        };
+        let event = append_one(&tx, draft, now).await?;
+        tx.commit().await?;
+        Ok((merged, event))
+    }
+
+    /// Moves a clustered message into another open cluster of its creator.
+    /// The cluster it leaves shrinks, or is deleted when the message was its
+    /// only member. `Missing` for an unknown message, or a cluster that does
+    /// not exist or belongs to another creator; `Conflict` if the message
+    /// is not clustered or already in that cluster, or either cluster is
+    /// actioned.
+    #[tracing::instrument(skip(self))]
+    pub async fn move_message(
+        &self,
+        message_id: Uuid,
+        cluster_id: Uuid,
+    ) -> Result<(MoveResult, StoredEvent), RepoError> {
+        let message_missing = || RepoError::Missing(format!("message {message_id} not found"));
+        let cluster_missing = || RepoError::Missing(format!("cluster {cluster_id} not found"));
+        let creator_id: String = self
+            .db
+            .query_one_raw(stmt("SELECT creator_id FROM messages WHERE id = $1", [message_id.into()]))
+            .await?
+            .ok_or_else(message_missing)?
+            .try_get("", "creator_id")?;
+        let tx = self.db.begin().await?;
+        lock_creators(&tx, [creator_id.as_str()]).await?;
+        let sql = format!("SELECT {MESSAGE_COLUMNS}, embedding FROM messages WHERE id = $1 FOR UPDATE");
+        let member =
+            Member::find_by_statement(stmt(&sql, [message_id.into()])).one(&tx).await?.ok_or_else(message_missing)?;
+        let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1 AND creator_id = $2 FOR UPDATE");
+        let target = ClusterRow::find_by_statement(stmt(&sql, [cluster_id.into(), creator_id.clone().into()]))
+            .one(&tx)
+            .await?
+            .ok_or_else(cluster_missing)?
+            .view();
+        let Some(source_id) = member.row.cluster_id else {
+            return Err(RepoError::Conflict(format!(
+                "message {message_id} is not clustered yet (status {}); only clustered messages move",
+                member.row.status
+            )));
+        };
+        if source_id == cluster_id {
+            return Err(RepoError::Conflict(format!("message {message_id} is already in cluster {cluster_id}")));
+        }
+        if target.status == ClusterStatus::Actioned {
+            return Err(RepoError::Conflict(format!(
+                "cluster {cluster_id} is actioned; messages move to open clusters"
+            )));
+        }
+        let source = cluster_in_for_update(&tx, source_id).await?;
+        if source.status == ClusterStatus::Actioned {
+            return Err(RepoError::Conflict(format!(
+                "message {message_id} is in actioned cluster {source_id}: it has been answered"
+            )));
+        }
+
+        let embedding = member.embedding()?;
+        let now = Utc::now();
+        tx.execute_raw(stmt(
+            "UPDATE messages SET cluster_id = $2 WHERE id = $1",
+            [message_id.into(), cluster_id.into()],
+        ))
+        .await?;
+        tx.execute_raw(stmt(
+            "UPDATE clusters SET size = size + 1, centroid = centroid + $2, updated_at = $3 WHERE id = $1",
+            [cluster_id.into(), embedding.clone().into(), now.into()],
+        ))
+        .await?;
+        let emptied = source.size <= 1;
+        if emptied {
+            // A cluster without members has no centroid or label to show.
+            tx.execute_raw(stmt("DELETE FROM clusters WHERE id = $1", [source_id.into()])).await?;
+            refresh_labels(&tx, &[cluster_id], self.label_exact_max).await?;
+        } else {
+            leave(&tx, source_id, &embedding, now).await?;
+            refresh_labels(&tx, &[cluster_id, source_id], self.label_exact_max).await?;
+        }
+        let cluster = cluster_in(&tx, cluster_id).await?;
+        let from_cluster = if emptied { None } else { Some(cluster_in(&tx, source_id).await?) };
+        let mut message = member.row.view();
+        message.cluster_id = Some(cluster_id);
+
+        let draft = Draft {
+            message: Some(message.clone()),
+            from_cluster_id: Some(source_id),
+            from_cluster: from_cluster.clone(),
+            ..Draft::new(EventKind::ClusterUpdated, cluster.clone())
+        };
+        let event = append_one(&tx, draft, now).await?;
+        tx.commit().await?;
+        Ok((MoveResult { cluster, from_cluster, message }, event))
     }
 
     /// Opens a transaction on a cluster: finds its creator, takes the
@@ -358,31 +486,91 @@ impl Repository {
         let creator_id = self.cluster(id).await?.creator_id;
         let tx = self.db.begin().await?;
         lock_creators(&tx, [creator_id.as_str()]).await?;
-        let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1 FOR UPDATE");
-        let cluster =
-            ClusterRow::find_by_statement(stmt(&sql, [id.into()])).one(&tx).await?.ok_or(RepoError::NotFound)?.view();
+        let cluster = cluster_in_for_update(&tx, id).await?;
         Ok((tx, cluster))
     }
 }
 
-/// Sets the label of each given cluster of at most `max_members` members
-/// to the text of its most representative member: the one closest to the
-/// centroid (cosine distance), the oldest among equals. One statement.
-pub(super) async fn refresh_labels(tx: &DatabaseTransaction, cluster_ids: &[Uuid], max_members: i64) -> Result<(), DbErr> {
-    use sea_orm::ConnectionTrait;
+/// A message with its embedding, as an operation reads it.
+#[derive(FromQueryResult)]
+struct Member {
+    #[sea_orm(nested)]
+    row: MessageRow,
+    embedding: Option<PgVector>,
+}
+
+impl Member {
+    /// The embedding of a clustered message (it has one by construction).
+    fn embedding(&self) -> Result<PgVector, RepoError> {
+        self.embedding
+            .clone()
+            .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("clustered message {} has no embedding", self.row.id))))
+    }
+}
+
+/// Gives each of `cluster_ids` the label its members make it: the text of
+/// its most representative member, the one whose embedding is nearest the
+/// centroid by cosine distance (ties: the oldest). One statement for every
+/// cluster; a cluster with more than `max_members` members keeps its label,
+/// since finding the nearest reads every member's embedding.
+#[tracing::instrument(skip(tx))]
+pub(super) async fn refresh_labels(
+    tx: &DatabaseTransaction,
+    cluster_ids: &[Uuid],
+    max_members: i64,
+) -> Result<(), DbErr> {
     if cluster_ids.is_empty() {
         return Ok(());
     }
+    // `k` is the same row as `c`: an UPDATE's own table cannot be named in
+    // a LATERAL subquery of its FROM list.
     tx.execute_raw(stmt(
         "UPDATE clusters c SET label = best.text
          FROM clusters k
-         CROSS JOIN LATERAL (SELECT m.text FROM messages m WHERE m.cluster_id = k.id
-                             ORDER BY m.embedding <=> k.centroid, m.id LIMIT 1) AS best
+         CROSS JOIN LATERAL (
+             SELECT m.text FROM messages m WHERE m.cluster_id = k.id
+             ORDER BY m.embedding <=> k.centroid, m.id
+             LIMIT 1
+         ) AS best
          WHERE k.id = ANY($1) AND k.size <= $2 AND c.id = k.id AND c.label IS DISTINCT FROM best.text",
         [uuid_array(cluster_ids.iter().copied()), max_members.into()],
     ))
     .await?;
     Ok(())
+}
+
+/// The cluster side of a message leaving: one member fewer, its embedding
+/// out of the centroid. The label is the caller's to refresh.
+async fn leave(
+    tx: &DatabaseTransaction,
+    cluster_id: Uuid,
+    embedding: &PgVector,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    tx.execute_raw(stmt(
+        "UPDATE clusters SET size = size - 1, centroid = centroid - $2, updated_at = $3 WHERE id = $1",
+        [cluster_id.into(), embedding.clone().into(), now.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// A cluster as this transaction sees it.
+async fn cluster_in(tx: &DatabaseTransaction, id: Uuid) -> Result<ClusterView, RepoError> {
+    let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1");
+    Ok(ClusterRow::find_by_statement(stmt(&sql, [id.into()])).one(tx).await?.ok_or(RepoError::NotFound)?.view())
+}
+
+/// A cluster, row-locked until the transaction ends.
+async fn cluster_in_for_update(tx: &DatabaseTransaction, id: Uuid) -> Result<ClusterView, RepoError> {
+    let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1 FOR UPDATE");
+    Ok(ClusterRow::find_by_statement(stmt(&sql, [id.into()])).one(tx).await?.ok_or(RepoError::NotFound)?.view())
+}
+
+/// Appends the one event of an operation, under the creator's lock.
+async fn append_one(tx: &DatabaseTransaction, draft: Draft, at: DateTime<Utc>) -> Result<StoredEvent, RepoError> {
+    let creator_id = draft.cluster.creator_id.clone();
+    single(events::append(tx, [(creator_id, vec![draft])].into(), at).await?)
 }
 
 fn single(mut events: Vec<StoredEvent>) -> Result<StoredEvent, RepoError> {

@@ -8,6 +8,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Value, sea_query::ArrayType};
+use uuid::Uuid;
 
 use super::{RepoError, Repository, stmt, text_array};
 use crate::protocol::{ClusterView, EventFrame, EventKind, EventTag, MessageView};
@@ -22,13 +23,33 @@ pub struct StoredEvent {
     pub frame: Arc<str>,
 }
 
-/// An event about to be appended; it gets its id in [`append`].
+/// An event about to be appended; it gets its id in [`append`]. The
+/// optional parts are those of [`EventFrame`].
 #[derive(Debug)]
 pub(super) struct Draft {
     pub kind: EventKind,
     pub cluster: ClusterView,
     pub message: Option<MessageView>,
     pub new_cluster: Option<ClusterView>,
+    pub merged_cluster_ids: Option<Vec<Uuid>>,
+    pub from_cluster_id: Option<Uuid>,
+    pub from_cluster: Option<ClusterView>,
+}
+
+impl Draft {
+    /// An event about `cluster` alone; the optional parts are set by the
+    /// caller.
+    pub fn new(kind: EventKind, cluster: ClusterView) -> Self {
+        Self {
+            kind,
+            cluster,
+            message: None,
+            new_cluster: None,
+            merged_cluster_ids: None,
+            from_cluster_id: None,
+            from_cluster: None,
+        }
+    }
 }
 
 /// Appends each creator's drafts, in order, with consecutive ids: one
@@ -77,6 +98,9 @@ pub(super) async fn append(
                 cluster: draft.cluster,
                 message: draft.message,
                 new_cluster: draft.new_cluster,
+                merged_cluster_ids: draft.merged_cluster_ids,
+                from_cluster_id: draft.from_cluster_id,
+                from_cluster: draft.from_cluster,
                 at,
             };
             let json = serde_json::to_value(&frame).map_err(|e| DbErr::Json(e.to_string()))?;

@@ -23,6 +23,9 @@ pub use messages::{InsertOutcome, UNFINISHED as UNFINISHED_SQL, Unfinished};
 #[derive(Clone, Debug)]
 pub struct Repository {
     db: DatabaseConnection,
+    /// Clusters up to this size get their label recomputed exactly on
+    /// every change (`clustering.label_exact_max`).
+    label_exact_max: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,10 @@ pub enum RepoError {
     Unavailable(#[source] DbErr),
     #[error("not found")]
     NotFound,
+    /// One of several things a request names does not exist; the message
+    /// says which (where a bare `NotFound` would leave the client guessing).
+    #[error("{0}")]
+    Missing(String),
     #[error("{0}")]
     Conflict(String),
     /// A parameter that cannot apply (a cursor from elsewhere, say).
@@ -74,7 +81,13 @@ fn is_unavailable(err: &DbErr) -> bool {
 
 impl Repository {
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+        Self { db, label_exact_max: 1000 }
+    }
+
+    /// Sets `clustering.label_exact_max`.
+    pub fn with_label_exact_max(mut self, max_members: i64) -> Self {
+        self.label_exact_max = max_members;
+        self
     }
 
     pub fn connection(&self) -> &DatabaseConnection {

@@ -139,7 +139,6 @@ impl ClusteringShard {
         let config = DecideConfig {
             params: Params::from(&self.settings),
             suggest_threshold: self.settings.suggest_threshold,
-            label_exact_max: self.settings.label_exact_max,
         };
         let mut indexes = self.indexes.take().unwrap_or_else(LruCache::unbounded);
         let repo = self.repo.clone();
