@@ -1,6 +1,9 @@
 //! `spawn_app()` and typed helpers shared by the integration tests.
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use actix_web::http::StatusCode;
 use awc::ws;
@@ -76,6 +79,17 @@ pub async fn spawn_app_on(db_url: &str, tweak: impl FnOnce(&mut Settings)) -> Te
 }
 
 impl TestApp {
+    /// Another handle on the same server with a connection pool of its own:
+    /// its requests travel on a TCP connection no other handle uses.
+    pub fn with_own_connection(&self) -> TestApp {
+        TestApp {
+            port: self.port,
+            address: self.address.clone(),
+            client: awc::Client::builder().timeout(Duration::from_secs(30)).finish(),
+            db: self.db.clone(),
+        }
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
         let mut response =
             self.client.post(format!("{}{path}", self.address)).send_json(body).await.expect("the server answers");
@@ -236,6 +250,17 @@ impl WsClient {
         reply
     }
 
+    /// Sends an `ingest` frame and waits for its ack; returns the message id.
+    /// Only for a connection that has no subscription (an event frame could
+    /// come before the ack).
+    pub async fn ingest(&mut self, creator: &str, text: &str) -> String {
+        self.send(&json!({"type": "ingest", "message": {"creator_id": creator, "text": text}})).await;
+        let ack = self.next_json().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(ack["duplicate"], false, "{ack}");
+        ack["message_id"].as_str().expect("an ack carries the message id").to_owned()
+    }
+
     /// The next `n` event frames.
     pub async fn events(&mut self, n: usize) -> Vec<Value> {
         let mut events = Vec::with_capacity(n);
@@ -245,5 +270,344 @@ impl WsClient {
             events.push(frame);
         }
         events
+    }
+}
+
+/// Largest distance allowed between a cluster's stored centroid and the sum
+/// of its members' embeddings, per member: the centroid is kept by adding
+/// and subtracting unit vectors in single precision, so it drifts by
+/// rounding only, while one misplaced member moves the sum by a whole unit
+/// vector (distance 1).
+pub const CENTROID_TOLERANCE_PER_MEMBER: f64 = 1e-4;
+
+/// A creator's clusters as rebuilt by replaying its event log in event id
+/// order; [`TestApp::assert_cluster_invariants`] returns it once it has
+/// found it equal to the tables.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Cluster id -> the cluster.
+    pub clusters: BTreeMap<String, ReplayedCluster>,
+    /// Message id -> the cluster it is in now.
+    pub location: BTreeMap<String, String>,
+    /// The event log, oldest first: the frames that subscribers receive.
+    pub events: Vec<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayedCluster {
+    /// `open` or `actioned`.
+    pub status: String,
+    /// Message ids.
+    pub members: BTreeSet<String>,
+}
+
+/// The `id` of a cluster or message object, as a string.
+fn id_of(object: &Value) -> String {
+    object["id"].as_str().unwrap_or_else(|| panic!("an object with a string id: {object}")).to_owned()
+}
+
+impl Replayed {
+    /// How many events of this kind the log holds.
+    pub fn count(&self, kind: &str) -> usize {
+        self.events.iter().filter(|e| e["event"] == kind).count()
+    }
+
+    /// The cluster that the clustering event of `message` put it in.
+    pub fn clustered_into(&self, message: &str) -> Option<String> {
+        self.events
+            .iter()
+            .find(|e| {
+                matches!(e["event"].as_str(), Some("cluster.created" | "cluster.updated"))
+                    && e["message"]["id"] == message
+            })
+            .map(|e| id_of(&e["cluster"]))
+    }
+
+    fn cluster_mut(&mut self, id: &str, event: &Value) -> &mut ReplayedCluster {
+        self.clusters
+            .get_mut(id)
+            .unwrap_or_else(|| panic!("event on cluster {id}, which no earlier event created: {event}"))
+    }
+
+    /// Applies one event, checking it against the state the events before
+    /// it built. Each kind of event must say how it changes the clusters:
+    /// a new kind (merge, move) gets its own arm here.
+    fn apply(&mut self, event: &Value) {
+        let cluster = &event["cluster"];
+        let cluster_id = id_of(cluster);
+        match event["event"].as_str().unwrap_or_default() {
+            kind @ ("cluster.created" | "cluster.updated") => {
+                let message = id_of(&event["message"]);
+                assert_eq!(
+                    event["message"]["cluster_id"], cluster["id"],
+                    "the message is in the event's cluster: {event}"
+                );
+                assert_eq!(event["message"]["status"], "clustered", "{event}");
+                assert!(
+                    !self.location.contains_key(&message),
+                    "message {message} has a second clustering event: {event}"
+                );
+                if kind == "cluster.created" {
+                    assert!(!self.clusters.contains_key(&cluster_id), "cluster {cluster_id} created twice: {event}");
+                    self.clusters
+                        .insert(cluster_id.clone(), ReplayedCluster { status: "open".into(), ..Default::default() });
+                }
+                let target = self.cluster_mut(&cluster_id, event);
+                assert_eq!(
+                    target.status, "open",
+                    "message {message} joined cluster {cluster_id} after it was actioned: {event}"
+                );
+                target.members.insert(message.clone());
+                self.location.insert(message, cluster_id.clone());
+            }
+            "cluster.actioned" => {
+                let target = self.cluster_mut(&cluster_id, event);
+                assert_eq!(target.status, "open", "cluster {cluster_id} actioned twice: {event}");
+                assert!(cluster["response_text"].is_string() && cluster["actioned_at"].is_string(), "{event}");
+                target.status = "actioned".into();
+            }
+            "message.removed" => {
+                let message = id_of(&event["message"]);
+                let new_cluster = &event["new_cluster"];
+                let new_id = id_of(new_cluster);
+                assert!(
+                    self.cluster_mut(&cluster_id, event).members.remove(&message),
+                    "message {message} removed from cluster {cluster_id}, which it was not in: {event}"
+                );
+                assert_eq!(event["message"]["cluster_id"], new_cluster["id"], "{event}");
+                assert!(!self.clusters.contains_key(&new_id), "the new cluster {new_id} existed before: {event}");
+                self.clusters.insert(
+                    new_id.clone(),
+                    ReplayedCluster { status: "open".into(), members: BTreeSet::from([message.clone()]) },
+                );
+                self.location.insert(message, new_id);
+                self.check_snapshot(new_cluster, event);
+            }
+            other => panic!("the replay does not know {other:?} events; teach Replayed::apply: {event}"),
+        }
+        self.check_snapshot(cluster, event);
+    }
+
+    /// The cluster object an event carries shows the cluster as it was
+    /// right after the event: the replayed size and status.
+    fn check_snapshot(&self, cluster: &Value, event: &Value) {
+        let id = id_of(cluster);
+        let replayed = &self.clusters[&id];
+        assert_eq!(cluster["size"], replayed.members.len(), "size of cluster {id} after event: {event}");
+        assert_eq!(cluster["status"], replayed.status.as_str(), "status of cluster {id} after event: {event}");
+        assert_eq!(cluster["creator_id"], event["creator_id"], "{event}");
+    }
+}
+
+impl TestApp {
+    /// The creator's event log, oldest first: the stored frames.
+    pub async fn all_events(&self, creator: &str) -> Vec<Value> {
+        let rows = self
+            .db
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT payload::text AS payload FROM events WHERE creator_id = $1 ORDER BY event_id",
+                [creator.into()],
+            ))
+            .await
+            .expect("read the event log");
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("", "payload").expect("a payload");
+                serde_json::from_str(&payload).expect("a JSON event")
+            })
+            .collect()
+    }
+
+    /// Runs a query whose rows are descriptions (column `v`) of what is
+    /// wrong, with `$1` bound to the creator; returns them.
+    async fn violations(&self, creator: &str, sql: &str) -> Vec<String> {
+        self.db
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(sea_orm::DbBackend::Postgres, sql, [creator.into()]))
+            .await
+            .unwrap_or_else(|e| panic!("invariant query failed: {e}\n{sql}"))
+            .iter()
+            .map(|row| row.try_get("", "v").expect("a text column v"))
+            .collect()
+    }
+
+    /// Checks, on the database, every invariant of a creator's clusters,
+    /// messages and event log; run it once the creator's messages are
+    /// settled (none `pending` or `embedded`). Panics with every violation
+    /// found; returns the clusters as replayed from the event log.
+    ///
+    /// - each cluster: size = its member count >= 1, centroid = the sum of
+    ///   its members' embeddings (within rounding), label = a member's text,
+    ///   status, response, actioned_at and timestamps consistent;
+    /// - each message: clustered exactly when it has a cluster, which is of
+    ///   its own creator; no member received after its cluster was actioned;
+    /// - the event log: ids 1..=n without gaps, the creator's counter at n,
+    ///   rows agreeing with their frames, no clustering event into a cluster
+    ///   after its action;
+    /// - the replay of the log: exactly one clustering event per message,
+    ///   no member joining an actioned cluster, each event's cluster showing
+    ///   the replayed size and status, and the final replayed clusters,
+    ///   statuses and memberships equal to the tables.
+    pub async fn assert_cluster_invariants(&self, creator: &str) -> Replayed {
+        let checks: [(&str, String); 10] = [
+            (
+                "size = member count >= 1",
+                "SELECT format('cluster %s: size %s, %s members', c.id, c.size, count(m.id)) AS v
+                 FROM clusters c LEFT JOIN messages m ON m.cluster_id = c.id
+                 WHERE c.creator_id = $1 GROUP BY c.id HAVING c.size <> count(m.id) OR count(m.id) = 0"
+                    .into(),
+            ),
+            (
+                "centroid = sum of the members' embeddings",
+                format!(
+                    "SELECT format('cluster %s of size %s: centroid at distance %s from the sum of its members', id, size, d) AS v
+                     FROM (SELECT c.id, c.size, c.centroid <-> sum(m.embedding) AS d
+                           FROM clusters c JOIN messages m ON m.cluster_id = c.id
+                           WHERE c.creator_id = $1 GROUP BY c.id) AS s
+                     WHERE NOT (d <= {CENTROID_TOLERANCE_PER_MEMBER} * greatest(size, 1))"
+                ),
+            ),
+            (
+                "label = a member's text",
+                "SELECT format('cluster %s: label %L is no member''s text', c.id, c.label) AS v FROM clusters c
+                 WHERE c.creator_id = $1
+                   AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.cluster_id = c.id AND m.text = c.label)"
+                    .into(),
+            ),
+            (
+                "status, response and timestamps agree",
+                "SELECT format('cluster %s: status %s, response %L, created %s, actioned %s, updated %s',
+                               id, status, response_text, created_at, actioned_at, updated_at) AS v
+                 FROM clusters WHERE creator_id = $1 AND NOT coalesce(created_at <= updated_at AND CASE status
+                     WHEN 'open' THEN actioned_at IS NULL AND response_text IS NULL
+                     ELSE response_text IS NOT NULL AND actioned_at BETWEEN created_at AND updated_at END, false)"
+                    .into(),
+            ),
+            (
+                "clustered <=> has a cluster (and an embedding)",
+                "SELECT format('message %s: status %s, cluster %s, embedding %s', id, status, cluster_id,
+                               embedding IS NOT NULL) AS v
+                 FROM messages WHERE creator_id = $1
+                   AND ((status = 'clustered') <> (cluster_id IS NOT NULL) OR (status = 'clustered' AND embedding IS NULL))"
+                    .into(),
+            ),
+            (
+                "a message's cluster exists and is its creator's",
+                "SELECT format('message %s of %s is in cluster %s of %s', m.id, m.creator_id, m.cluster_id, c.creator_id) AS v
+                 FROM messages m LEFT JOIN clusters c ON c.id = m.cluster_id
+                 WHERE (m.creator_id = $1 OR c.creator_id = $1) AND m.cluster_id IS NOT NULL
+                   AND c.creator_id IS DISTINCT FROM m.creator_id"
+                    .into(),
+            ),
+            (
+                "no member received after its cluster was actioned",
+                "SELECT format('message %s received at %s is in cluster %s actioned at %s', m.id, m.received_at, c.id,
+                               c.actioned_at) AS v
+                 FROM clusters c JOIN messages m ON m.cluster_id = c.id
+                 WHERE c.creator_id = $1 AND c.status = 'actioned' AND m.received_at > c.actioned_at"
+                    .into(),
+            ),
+            (
+                "event ids 1..=n without gaps, counter at n",
+                "SELECT format('%s events, ids %s..%s, counter %s', count(*), min(event_id), max(event_id), n) AS v
+                 FROM events,
+                      (SELECT coalesce((SELECT last_event_id FROM creators WHERE creator_id = $1), 0) AS n) AS counter
+                 WHERE creator_id = $1 GROUP BY n
+                 HAVING min(event_id) <> 1 OR max(event_id) <> count(*) OR count(*) <> n
+                 UNION ALL
+                 SELECT format('no events, counter %s', last_event_id) FROM creators
+                 WHERE creator_id = $1 AND last_event_id <> 0 AND NOT EXISTS (SELECT 1 FROM events WHERE creator_id = $1)"
+                    .into(),
+            ),
+            (
+                "event rows agree with their frames",
+                "SELECT format('event %s (%s): frame %s', event_id, kind, payload) AS v FROM events
+                 WHERE creator_id = $1 AND NOT coalesce(payload->>'type' = 'event' AND payload->>'creator_id' = creator_id
+                     AND (payload->>'event_id')::bigint = event_id AND payload->>'event' = kind, false)"
+                    .into(),
+            ),
+            (
+                "no clustering event into a cluster after its action",
+                "SELECT format('event %s (%s, message %s) at %s into cluster %s actioned at %s', e.event_id, e.kind,
+                               e.payload->'message'->>'id', e.created_at, c.id, c.actioned_at) AS v
+                 FROM events e JOIN clusters c ON c.id = (e.payload->'cluster'->>'id')::uuid
+                 WHERE e.creator_id = $1 AND e.kind IN ('cluster.created', 'cluster.updated')
+                   AND c.actioned_at IS NOT NULL AND e.created_at > c.actioned_at"
+                    .into(),
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (name, sql) in &checks {
+            for violation in self.violations(creator, sql).await {
+                failures.push(format!("{name}: {violation}"));
+            }
+        }
+        assert!(failures.is_empty(), "invariants of {creator}'s clusters broken:\n{}", failures.join("\n"));
+
+        let mut replayed = Replayed::default();
+        for event in self.all_events(creator).await {
+            replayed.apply(&event);
+            replayed.events.push(event);
+        }
+        let clusters: BTreeMap<String, (String, usize)> = self
+            .db
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT id::text AS id, status, size FROM clusters WHERE creator_id = $1",
+                [creator.into()],
+            ))
+            .await
+            .expect("read the clusters")
+            .iter()
+            .map(|row| {
+                let size: i32 = row.try_get("", "size").expect("a size");
+                (
+                    row.try_get("", "id").expect("an id"),
+                    (row.try_get("", "status").expect("a status"), usize::try_from(size).expect("a size >= 0")),
+                )
+            })
+            .collect();
+        let replayed_clusters: BTreeMap<String, (String, usize)> =
+            replayed.clusters.iter().map(|(id, c)| (id.clone(), (c.status.clone(), c.members.len()))).collect();
+        assert_eq!(clusters, replayed_clusters, "the clusters (status, size) are what the event log says");
+        let location: BTreeMap<String, String> = self
+            .db
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT id::text AS id, cluster_id::text AS cluster_id FROM messages
+                 WHERE creator_id = $1 AND status = 'clustered'",
+                [creator.into()],
+            ))
+            .await
+            .expect("read the memberships")
+            .iter()
+            .map(|row| (row.try_get("", "id").expect("an id"), row.try_get("", "cluster_id").expect("a cluster")))
+            .collect();
+        assert_eq!(
+            location, replayed.location,
+            "every clustered message is where the event log put it, and only those have a clustering event"
+        );
+        replayed
+    }
+
+    /// Waits until `n` of the creator's messages are clustered and none is
+    /// `pending` or `embedded`.
+    pub async fn wait_settled(&self, creator: &str, n: i64) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let creator = creator.replace('\'', "''");
+        loop {
+            let clustered = self.count("messages", &format!("creator_id = '{creator}' AND status = 'clustered'")).await;
+            let unfinished = self
+                .count("messages", &format!("creator_id = '{creator}' AND status IN ('pending', 'embedded')"))
+                .await;
+            if clustered == n && unfinished == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{creator}: {clustered} of {n} messages clustered, {unfinished} unfinished, in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

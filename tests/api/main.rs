@@ -13,4 +13,5 @@ mod model;
 mod openai;
 mod operations;
 mod plans;
+mod races;
 mod restart;
