@@ -33,6 +33,8 @@ pub struct Metrics {
     pub messages_clustered: IntCounter,
     pub cluster_decisions: IntCounterVec,
     pub cluster_commit_seconds: Histogram,
+    pub cluster_decide_seconds: Histogram,
+    pub cluster_index_rebuilds: IntCounter,
     pub cluster_queue: IntGauge,
     pub cluster_indexed_creators: IntGauge,
     pub pipeline_dropped: IntCounterVec,
@@ -130,8 +132,20 @@ impl Metrics {
             )),
             messages_clustered: register!(counter("messages_clustered_total", "Messages clustered")),
             cluster_decisions: register!(IntCounterVec::new(
-                Opts::new("cluster_decisions_total", "Clustering decisions by outcome"),
-                &["outcome"]
+                Opts::new(
+                    "cluster_decisions_total",
+                    "Clustering decisions by the step that placed the message (exact, trigram, vector, new)"
+                ),
+                &["step"]
+            )),
+            cluster_decide_seconds: register!(histogram(
+                "cluster_decide_seconds",
+                "In-memory clustering decision per message (the open-cluster index scan)",
+                &[1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2]
+            )),
+            cluster_index_rebuilds: register!(counter(
+                "cluster_index_rebuilds_total",
+                "Creator indexes (re)built from the database: first message, or changed elsewhere"
             )),
             cluster_commit_seconds: register!(histogram(
                 "cluster_commit_seconds",

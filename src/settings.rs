@@ -236,7 +236,9 @@ impl Settings {
         }
         let c = &self.clustering;
         if ![c.vector_threshold, c.cold_threshold, c.suggest_threshold].iter().all(|t| (-1.0..=1.0).contains(t)) {
-            return invalid("clustering.vector_threshold, cold_threshold and suggest_threshold must be between -1 and 1");
+            return invalid(
+                "clustering.vector_threshold, cold_threshold and suggest_threshold must be between -1 and 1",
+            );
         }
         if !c.vector_z.is_finite() || c.vector_z < 0.0 {
             return invalid("clustering.vector_z must be a non-negative number");

@@ -112,6 +112,18 @@ struct OpenRow {
     size: i32,
 }
 
+/// What a group's transaction did, for the metrics.
+#[derive(Debug, Default)]
+pub struct Clustered {
+    /// The events to publish, in order.
+    pub events: Vec<StoredEvent>,
+    /// Per message: the step that placed it, and the seconds the in-memory
+    /// decision took.
+    pub decisions: Vec<(Reason, f64)>,
+    /// Creator indexes built from the database.
+    pub rebuilt: usize,
+}
+
 /// A cluster this group creates.
 struct NewCluster {
     id: Uuid,
@@ -142,14 +154,14 @@ impl Repository {
         messages: &[(Uuid, String)],
         indexes: &mut LruCache<String, CreatorIndex>,
         config: &DecideConfig,
-    ) -> Result<Vec<StoredEvent>, RepoError> {
+    ) -> Result<Clustered, RepoError> {
         let tx = self.db.begin().await?;
         lock_creators(&tx, messages.iter().map(|(_, c)| c.as_str())).await?;
         let loaded = LoadedMessage::find_by_statement(stmt(LOAD, [uuid_array(messages.iter().map(|(id, _)| *id))]))
             .all(&tx)
             .await?;
         if loaded.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Clustered::default());
         }
         let mut dimensions: HashMap<String, usize> = HashMap::new();
         for m in &loaded {
@@ -158,11 +170,12 @@ impl Repository {
             };
             dimensions.entry(m.row.creator_id.clone()).or_insert(embedding.as_slice().len());
         }
-        sync_indexes(&tx, &dimensions, indexes, &config.params).await?;
+        let rebuilt = sync_indexes(&tx, &dimensions, indexes, &config.params).await?;
 
         let now = Utc::now();
         let params = &config.params;
         let mut outcomes = Vec::with_capacity(loaded.len());
+        let mut decisions = Vec::with_capacity(loaded.len());
         let mut created: Vec<NewCluster> = Vec::new();
         // Joins per existing cluster: members added and the sum of their
         // embeddings.
@@ -175,11 +188,12 @@ impl Repository {
             let index = indexes
                 .get_mut(&creator)
                 .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("no index for creator {creator}"))))?;
-            let trigrams =
-                if params.trigram_enabled() { Trigrams::of(&message.row.text) } else { Trigrams::default() };
+            let trigrams = if params.trigram_enabled() { Trigrams::of(&message.row.text) } else { Trigrams::default() };
             let text_key = (creator.clone(), message.norm_key);
             let exact = group_texts.get(&text_key).copied().or(message.exact_id);
+            let started = std::time::Instant::now();
             let decision = index.decide(exact, &trigrams, &embedding, params);
+            decisions.push((decision.reason, started.elapsed().as_secs_f64()));
             let cluster_id = match decision.cluster {
                 Some(id) => {
                     index.join(id, &embedding, trigrams, params.trigram_members);
@@ -221,10 +235,7 @@ impl Repository {
         tx.execute_raw(stmt(
             "UPDATE messages m SET status = 'clustered', cluster_id = a.cluster_id
              FROM unnest($1::uuid[], $2::uuid[]) AS a(id, cluster_id) WHERE m.id = a.id",
-            [
-                uuid_array(outcomes.iter().map(|o| o.message.id)),
-                uuid_array(outcomes.iter().map(|o| o.cluster_id)),
-            ],
+            [uuid_array(outcomes.iter().map(|o| o.message.id)), uuid_array(outcomes.iter().map(|o| o.cluster_id))],
         ))
         .await?;
         refresh_labels(&tx, &touched, self.label_exact_max).await?;
@@ -243,18 +254,19 @@ impl Repository {
                 index.version = index.version.max(event.event_id);
             }
         }
-        Ok(published)
+        Ok(Clustered { events: published, decisions, rebuilt })
     }
 }
 
 /// Makes the index of every creator in `dimensions` current: those cached
-/// at the creator's last event id are kept, the others rebuilt.
+/// at the creator's last event id are kept, the others rebuilt. Returns how
+/// many were rebuilt.
 async fn sync_indexes(
     tx: &DatabaseTransaction,
     dimensions: &HashMap<String, usize>,
     indexes: &mut LruCache<String, CreatorIndex>,
     params: &Params,
-) -> Result<(), DbErr> {
+) -> Result<usize, DbErr> {
     let creators: Vec<&String> = dimensions.keys().collect();
     let versions: HashMap<String, i64> = tx
         .query_all_raw(stmt(
@@ -274,7 +286,7 @@ async fn sync_indexes(
         }
     }
     if stale.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let open = OpenRow::find_by_statement(stmt(LOAD_OPEN, [text_array(stale.iter().copied())])).all(tx).await?;
     let mut recent: HashMap<Uuid, Vec<Trigrams>> = HashMap::new();
@@ -302,7 +314,7 @@ async fn sync_indexes(
         }
         index.insert(cluster);
     }
-    Ok(())
+    Ok(stale.len())
 }
 
 /// Fills `suggested_response` of the new clusters: one query for all.
@@ -422,7 +434,6 @@ fn int_array(items: impl IntoIterator<Item = i32>) -> Value {
     Value::Array(ArrayType::Int, Some(Box::new(items.into_iter().map(|i| Value::Int(Some(i))).collect())))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,8 +443,7 @@ mod tests {
         let v = [0.1f32, -2.5, 1e-7, 3.0];
         let text = vector_literal(&v);
         assert_eq!(text, "[0.1,-2.5,0.0000001,3]");
-        let parsed: Vec<f32> =
-            text.trim_matches(['[', ']']).split(',').map(|x| x.parse().expect("a float")).collect();
+        let parsed: Vec<f32> = text.trim_matches(['[', ']']).split(',').map(|x| x.parse().expect("a float")).collect();
         assert_eq!(parsed, v);
     }
 }

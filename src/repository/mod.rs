@@ -14,7 +14,9 @@ pub mod schema;
 
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement, Value, sqlx};
 
-pub use clustering::{DecideConfig, LOAD as LOAD_GROUP_SQL, LOAD_OPEN as LOAD_OPEN_SQL, SUGGEST as SUGGEST_SQL};
+pub use clustering::{
+    Clustered, DecideConfig, LOAD as LOAD_GROUP_SQL, LOAD_OPEN as LOAD_OPEN_SQL, SUGGEST as SUGGEST_SQL,
+};
 pub use clusters::{ClusterFilter, ClusterSort, ListQuery};
 pub use events::StoredEvent;
 pub use messages::{InsertOutcome, UNFINISHED as UNFINISHED_SQL, Unfinished};

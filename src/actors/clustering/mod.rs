@@ -27,10 +27,9 @@ use uuid::Uuid;
 
 use crate::{
     actors::broadcaster::{Broadcaster, Publish},
-    clustering::{CreatorIndex, Params},
+    clustering::{CreatorIndex, Params, Reason},
     metrics::Metrics,
-    protocol::EventKind,
-    repository::{DecideConfig, RepoError, Repository, StoredEvent},
+    repository::{Clustered, DecideConfig, RepoError, Repository},
     settings::ClusteringSettings,
 };
 
@@ -136,10 +135,8 @@ impl ClusteringShard {
             return;
         }
         self.busy = true;
-        let config = DecideConfig {
-            params: Params::from(&self.settings),
-            suggest_threshold: self.settings.suggest_threshold,
-        };
+        let config =
+            DecideConfig { params: Params::from(&self.settings), suggest_threshold: self.settings.suggest_threshold };
         let mut indexes = self.indexes.take().unwrap_or_else(LruCache::unbounded);
         let repo = self.repo.clone();
         let started = Instant::now();
@@ -164,7 +161,7 @@ impl ClusteringShard {
             act.indexes = Some(indexes);
             act.metrics.cluster_commit_seconds.observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(events) => act.published(events),
+                Ok(clustered) => act.published(clustered),
                 Err(RepoError::Unavailable(error)) => {
                     // The group stays `embedded`; the recovery sweep retries it.
                     act.metrics.pipeline_errors.with_label_values(&["cluster"]).inc();
@@ -180,11 +177,19 @@ impl ClusteringShard {
         }));
     }
 
-    fn published(&mut self, events: Vec<StoredEvent>) {
+    fn published(&mut self, clustered: Clustered) {
+        let Clustered { events, decisions, rebuilt } = clustered;
         self.metrics.messages_clustered.inc_by(events.len() as u64);
-        for event in &events {
-            let outcome = if event.kind == EventKind::ClusterCreated { "created" } else { "joined" };
-            self.metrics.cluster_decisions.with_label_values(&[outcome]).inc();
+        self.metrics.cluster_index_rebuilds.inc_by(rebuilt as u64);
+        for (reason, seconds) in decisions {
+            let step = match reason {
+                Reason::Exact => "exact",
+                Reason::Trigram { .. } => "trigram",
+                Reason::Vector { .. } => "vector",
+                Reason::New => "new",
+            };
+            self.metrics.cluster_decisions.with_label_values(&[step]).inc();
+            self.metrics.cluster_decide_seconds.observe(seconds);
         }
         if !events.is_empty() {
             self.broadcaster.do_send(Publish { events });

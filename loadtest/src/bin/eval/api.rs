@@ -39,7 +39,12 @@ pub async fn run(data: &Dataset, order: &[usize], url: &str, concurrency: usize)
             .await
             .map_err(|e| anyhow::anyhow!("POST /v1/messages/batch: {e}"))?;
         let body = response.body().limit(16 << 20).await.context("reading the batch answer")?;
-        ensure!(response.status().is_success(), "batch answered {}: {}", response.status(), String::from_utf8_lossy(&body));
+        ensure!(
+            response.status().is_success(),
+            "batch answered {}: {}",
+            response.status(),
+            String::from_utf8_lossy(&body)
+        );
         let result: BatchResult = serde_json::from_slice(&body).context("parsing the batch answer")?;
         for (&i, item) in chunk.iter().zip(result.results) {
             match item {
