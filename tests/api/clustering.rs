@@ -118,3 +118,76 @@ async fn a_message_that_cannot_be_clustered_fails_alone_and_visibly() {
     let id = app.post_message("creator-poison", "and life goes on").await;
     app.wait_clustered(&id).await;
 }
+
+/// The in-memory trigram step must agree with pg_trgm, which SPEC names.
+#[actix_web::test]
+async fn trigram_similarity_matches_pg_trgm() {
+    use clusterd::clustering::trigram::Trigrams;
+    let app = spawn_app().await;
+    let texts = [
+        "How much does the ticket cost?",
+        "how much does the tickt cost??",
+        "what is my credit score",
+        "what is my credit limit",
+        "a",
+        "I_want_a refund!!! now",
+        "  ,;  ",
+        "Ünïcode ÉTÉ café",
+        "unicode ete cafe",
+        "how do i say thank you in spanish",
+        "in spanish, how do you say thanks",
+        "x1 2b 33c 4444",
+    ];
+    for a in texts {
+        for b in texts {
+            let row = app
+                .db
+                .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT similarity($1, $2) AS s",
+                    [a.into(), b.into()],
+                ))
+                .await
+                .expect("similarity()")
+                .expect("a row");
+            let expected: f32 = row.try_get("", "s").expect("a real");
+            let ours = Trigrams::of(a).similarity(&Trigrams::of(b));
+            assert!((ours - expected).abs() < 1e-6, "similarity({a:?}, {b:?}): pg_trgm {expected}, ours {ours}");
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_new_cluster_like_an_actioned_one_carries_its_response() {
+    let app = spawn_app().await;
+    let creator = "creator-suggest";
+    let first = app.post_message(creator, "How much is the VIP ticket?").await;
+    let first = app.wait_clustered(&first).await;
+    let answered = first["cluster_id"].as_str().expect("a cluster").to_owned();
+    let (status, _) =
+        app.post(&format!("/v1/clusters/{answered}/action"), &json!({"response_text": "VIP is 99 euros."})).await;
+    assert_eq!(status, 200);
+
+    let mut ws = app.connect_ws().await;
+    let since = ws.subscribe(creator, None).await["last_event_id"].as_i64().expect("an id");
+    let again = app.post_message(creator, "how much is the VIP ticket??").await;
+    let again = app.wait_clustered(&again).await;
+    let other = app.post_message(creator, "Will you restock the blue hoodie in XL soon").await;
+    let other = app.wait_clustered(&other).await;
+
+    let suggested = again["cluster_id"].as_str().expect("a cluster");
+    assert_ne!(suggested, answered, "an actioned cluster takes no new message");
+    let (_, cluster) = app.get(&format!("/v1/clusters/{suggested}")).await;
+    assert_eq!(cluster["suggested_response"], "VIP is 99 euros.", "{cluster}");
+    assert_eq!(cluster["status"], "open");
+    let (_, unrelated) = app.get(&format!("/v1/clusters/{}", other["cluster_id"].as_str().expect("a cluster"))).await;
+    assert_eq!(unrelated["suggested_response"], json!(null), "{unrelated}");
+
+    // The events say so, as they happened.
+    let events = ws.events(2).await;
+    assert_eq!(events[0]["event_id"], since + 1);
+    assert_eq!(events[0]["event"], "cluster.created");
+    assert_eq!(events[0]["cluster"]["suggested_response"], "VIP is 99 euros.");
+    assert_eq!(events[1]["event"], "cluster.created");
+    assert_eq!(events[1]["cluster"]["suggested_response"], json!(null));
+}
