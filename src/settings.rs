@@ -142,6 +142,7 @@ pub struct ClusteringSettings {
     pub vector_z: f32,
     pub min_reference_clusters: usize,
     pub cold_threshold: f32,
+    pub sure_threshold: f32,
     pub suggest_threshold: f32,
     pub label_exact_max: i64,
     pub cached_creators: usize,

@@ -166,7 +166,7 @@ impl CreatorIndex {
             let mean = sum / k as f64;
             let sd = (sum_sq / k as f64 - mean * mean).max(0.0).sqrt().max(1e-6);
             let z = ((f64::from(s1) - mean) / sd) as f32;
-            (s1 >= params.vector_threshold && z >= params.vector_z, Some(z))
+            (s1 >= params.sure_threshold || (s1 >= params.vector_threshold && z >= params.vector_z), Some(z))
         };
         if joins {
             Decision { cluster: Some(self.clusters[best].id), reason: Reason::Vector { similarity: s1, z } }
@@ -195,9 +195,10 @@ mod tests {
         Params {
             trigram_threshold: 0.7,
             vector_threshold: 0.4,
-            vector_z: 4.0,
+            vector_z: 4.5,
             min_reference_clusters: 10,
             cold_threshold: 0.55,
+            sure_threshold: 0.6,
             trigram_members: 8,
         }
     }
@@ -227,27 +228,41 @@ mod tests {
         assert_eq!(index.decide(Some(Uuid::now_v7()), &Trigrams::of("x"), &axis(2, 4), &p).cluster, None);
     }
 
-    #[test]
-    fn the_bar_rises_with_the_background() {
-        // Twenty clusters on distinct axes of a 32-dimensional space.
-        let dims = 32;
-        let mut index = CreatorIndex::new(0, dims);
-        for i in 0..20 {
-            index.insert(OpenCluster::new(Uuid::now_v7(), axis(i, dims), 1));
+    /// Forty clusters on distinct axes of a 64-dimensional space.
+    fn forty_axes() -> CreatorIndex {
+        let mut index = CreatorIndex::new(0, 64);
+        for i in 0..40 {
+            index.insert(OpenCluster::new(Uuid::now_v7(), axis(i, 64), 1));
         }
-        let p = params();
-        let none = Trigrams::default();
-        // Close to cluster 0 and far from the rest: joins.
-        let mut x = axis(0, dims);
-        x[25] = 0.8;
-        assert!(index.decide(None, &none, &x, &p).cluster.is_some());
-        // Similar enough to cluster 0 (cosine 0.43), but almost as similar
-        // to five others: nothing stands out, a new cluster.
-        let mut y = vec![0.0; dims];
+        index
+    }
+
+    #[test]
+    fn a_looser_match_joins_when_it_stands_out() {
+        let (index, p, none) = (forty_axes(), params(), Trigrams::default());
+        // Cosine 0.55 to cluster 0 (below sure_threshold), 0 to the rest.
+        let mut x = axis(0, 64);
+        x[50] = 1.5;
+        let d = index.decide(None, &none, &x, &p);
+        assert!(matches!(d.reason, Reason::Vector { z: Some(z), .. } if z >= p.vector_z), "{d:?}");
+        // Cosine 0.43 to cluster 0, but about 0.4 to five others too:
+        // nothing stands out, a new cluster.
+        let mut y = vec![0.0; 64];
         y[0] = 0.9;
         y[1..6].fill(0.85);
-        let d = index.decide(None, &none, &y, &p);
-        assert_eq!(d.cluster, None, "{d:?}");
+        assert_eq!(index.decide(None, &none, &y, &p).cluster, None);
+    }
+
+    #[test]
+    fn the_absolute_bar_admits_whatever_the_spread() {
+        let index = forty_axes();
+        let p = Params { vector_z: 100.0, ..params() };
+        let none = Trigrams::default();
+        let mut x = axis(0, 64);
+        x[50] = 1.2; // cosine 0.64
+        assert!(index.decide(None, &none, &x, &p).cluster.is_some());
+        x[50] = 1.5; // cosine 0.55
+        assert_eq!(index.decide(None, &none, &x, &p).cluster, None);
     }
 
     #[test]

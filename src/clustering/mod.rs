@@ -8,15 +8,17 @@
 //! 1. identical normalised text in an open cluster: join it;
 //! 2. the best trigram match among recent open-cluster members, at or above
 //!    `trigram_threshold`: join its cluster;
-//! 3. the nearest open centroid by cosine similarity `s1`, if it stands
-//!    out: `s1 >= vector_threshold` and `s1` lies at least `vector_z`
-//!    standard deviations above the mean similarity of the message to all
-//!    the creator's open clusters. The bar therefore adapts to the data:
-//!    where a creator's questions are all alike (a fine-grained domain),
-//!    the mean and the spread rise and so does the bar; where they are
-//!    varied, a looser paraphrase still joins. With fewer than
-//!    `min_reference_clusters` open clusters there is no spread to measure
-//!    and `cold_threshold` applies instead;
+//! 3. the nearest open centroid by cosine similarity `s1`, if `s1` clears
+//!    one of two bars. The absolute one, `sure_threshold`, is a similarity
+//!    at which two questions are the same in any domain. The adaptive one
+//!    admits a looser paraphrase when it stands out: `s1 >=
+//!    vector_threshold` and `s1` lies at least `vector_z` standard
+//!    deviations above the mean similarity of the message to all the
+//!    creator's open clusters. Where a creator's questions are varied, a
+//!    paraphrase at 0.45 stands out and joins; where they are all alike (a
+//!    fine-grained domain) nothing stands out, and only the absolute bar
+//!    admits. With fewer than `min_reference_clusters` open clusters there
+//!    is no spread to measure, and `cold_threshold` is the one bar;
 //! 4. otherwise a new cluster.
 
 mod index;
@@ -34,6 +36,8 @@ pub struct Params {
     pub vector_z: f32,
     pub min_reference_clusters: usize,
     pub cold_threshold: f32,
+    /// Similarity at which the vector step joins whatever the spread.
+    pub sure_threshold: f32,
     /// Recent members per open cluster whose trigrams are kept.
     pub trigram_members: usize,
 }
@@ -53,6 +57,7 @@ impl From<&ClusteringSettings> for Params {
             vector_z: s.vector_z,
             min_reference_clusters: s.min_reference_clusters,
             cold_threshold: s.cold_threshold,
+            sure_threshold: s.sure_threshold,
             trigram_members: s.trigram_members,
         }
     }

@@ -47,6 +47,31 @@ impl Dataset {
         Ok(Self { name, texts, labels, label_names, vectors: Vec::new() })
     }
 
+    /// The examples of the given intents only (embeddings kept).
+    pub fn only(self, intents: &[String]) -> anyhow::Result<Self> {
+        let keep: Vec<usize> = intents
+            .iter()
+            .map(|name| self.label_names.iter().position(|n| n == name).with_context(|| format!("no intent {name:?}")))
+            .collect::<anyhow::Result<_>>()?;
+        let mut out = Self {
+            name: format!("{}-{}-intents", self.name, keep.len()),
+            texts: Vec::new(),
+            labels: Vec::new(),
+            label_names: keep.iter().map(|&l| self.label_names[l].clone()).collect(),
+            vectors: Vec::new(),
+        };
+        for i in 0..self.texts.len() {
+            if let Some(label) = keep.iter().position(|&l| l == self.labels[i]) {
+                out.texts.push(self.texts[i].clone());
+                out.labels.push(label);
+                if let Some(v) = self.vectors.get(i) {
+                    out.vectors.push(v.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn classes(&self) -> usize {
         self.label_names.len()
     }

