@@ -5,6 +5,7 @@
 #   make test        start the stack, then fmt check, clippy, tests (what CI runs)
 #   make bench       criterion benchmark of the local embedding model
 #   make loadtest    load test against a fresh daemon (LOADTEST_ARGS=...)
+#   make eval        clustering quality on a labelled data set (EVAL_DATA=...)
 #   make stack-up    start / verify the local stack only (scripts/stack.sh up)
 #   make stack-down  stop it (data kept in .stack/pgdata)
 #   make stack-status
@@ -25,7 +26,7 @@ WITH_STACK_ENV = eval "$$($(STACK) env)" &&
 .PHONY: help run test fmt clippy bench stack-up stack-down stack-status
 
 help:
-	@sed -n '3,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,13s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 run: stack-up
 	$(WITH_STACK_ENV) cargo run --release --bin clusterd -- serve
@@ -69,3 +70,13 @@ LOADTEST_ARGS ?= --duration 20
 loadtest: stack-up
 	cargo build --release -p clusterd -p loadtest
 	loadtest/bench.sh $(LOADTEST_ARGS)
+
+# Clustering quality through the real API (loadtest/eval.sh; see
+# BENCHMARKS.md, "Clustering quality"): a fresh daemon and database, the
+# labelled DATA sent into one creator, the clusters scored against the
+# labels. Offline references and threshold sweeps: target/release/clusterd-eval --help.
+EVAL_DATA ?= loadtest/data/clinc150/test.jsonl
+.PHONY: eval
+eval: stack-up
+	cargo build --release -p clusterd -p loadtest
+	loadtest/eval.sh $(EVAL_DATA)

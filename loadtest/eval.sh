@@ -5,7 +5,7 @@
 # the clusters it reads back. See BENCHMARKS.md ("Clustering quality").
 #
 #   cargo build --release -p clusterd -p loadtest
-#   loadtest/eval.sh ../shared/data/clinc150/test.jsonl [--seed N]
+#   loadtest/eval.sh loadtest/data/clinc150/test.jsonl [--seed N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [[ $# -ge 1 ]] || { echo "usage: loadtest/eval.sh DATA.jsonl [clusterd-eval api options]" >&2; exit 2; }

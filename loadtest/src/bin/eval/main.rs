@@ -6,8 +6,8 @@
 //! clusterd-eval api DATA.jsonl --url URL          # through a running daemon's real API
 //! ```
 //!
-//! DATA is JSON lines `{"text", "intent"}` (e.g. CLINC150 from
-//! `../shared/data/clinc150/`). Embeddings come from the local model
+//! DATA is JSON lines `{"text", "intent"}`, e.g. CLINC150 in
+//! `loadtest/data/clinc150/`. Embeddings come from the local model
 //! (`CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR`, as `scripts/stack.sh env`
 //! exports it) and are cached in `.stack/eval/`. Messages are sent in a
 //! seeded random order (`--seed`): the data files are grouped by intent,
