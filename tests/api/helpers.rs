@@ -184,6 +184,22 @@ impl TestApp {
         WsClient { framed }
     }
 
+    /// The id of the creator's newest committed event (0 before the first).
+    pub async fn last_event_id(&self, creator: &str) -> u64 {
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT coalesce((SELECT last_event_id FROM creators WHERE creator_id = $1), 0) AS n",
+                [creator.into()],
+            ))
+            .await
+            .expect("read the event counter")
+            .expect("a row");
+        let n: i64 = row.try_get("", "n").expect("a counter");
+        u64::try_from(n).expect("a counter >= 0")
+    }
+
     /// Counts rows of a table matching a SQL condition.
     pub async fn count(&self, table: &str, condition: &str) -> i64 {
         let row = self
@@ -291,6 +307,34 @@ pub struct Replayed {
     pub location: BTreeMap<String, String>,
     /// The event log, oldest first: the frames that subscribers receive.
     pub events: Vec<Value>,
+    /// `history[e]`: the clusters and locations right after event `e`
+    /// (`history[0]`: before the first event), for questions about what
+    /// some operation could have seen.
+    pub history: Vec<Snapshot>,
+}
+
+/// The clusters and message locations at one point of the event log.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub clusters: BTreeMap<String, ReplayedCluster>,
+    pub location: BTreeMap<String, String>,
+}
+
+impl Snapshot {
+    /// The cluster, if it exists at this point.
+    pub fn cluster(&self, id: &str) -> Option<&ReplayedCluster> {
+        self.clusters.get(id)
+    }
+
+    /// Whether the cluster exists and is actioned at this point.
+    pub fn is_actioned(&self, id: &str) -> bool {
+        self.cluster(id).is_some_and(|c| c.status == "actioned")
+    }
+
+    /// The cluster the message is in at this point, if it is clustered.
+    pub fn location_of(&self, message: &str) -> Option<&str> {
+        self.location.get(message).map(String::as_str)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -299,6 +343,13 @@ pub struct ReplayedCluster {
     pub status: String,
     /// Message ids.
     pub members: BTreeSet<String>,
+}
+
+/// Whether an event is a clustering decision (a message placed for the
+/// first time), not a creator's operation.
+pub fn is_decision(event: &Value) -> bool {
+    matches!(event["event"].as_str(), Some("cluster.created" | "cluster.updated"))
+        && event.get("from_cluster_id").is_none()
 }
 
 /// The `id` of a cluster or message object, as a string.
@@ -312,15 +363,23 @@ impl Replayed {
         self.events.iter().filter(|e| e["event"] == kind).count()
     }
 
-    /// The cluster that the clustering event of `message` put it in.
+    /// The cluster that the clustering event of `message` put it in (not
+    /// where a creator moved it later).
     pub fn clustered_into(&self, message: &str) -> Option<String> {
-        self.events
-            .iter()
-            .find(|e| {
-                matches!(e["event"].as_str(), Some("cluster.created" | "cluster.updated"))
-                    && e["message"]["id"] == message
-            })
-            .map(|e| id_of(&e["cluster"]))
+        self.events.iter().find(|e| is_decision(e) && e["message"]["id"] == message).map(|e| id_of(&e["cluster"]))
+    }
+
+    /// The event with this id.
+    pub fn event(&self, event_id: u64) -> &Value {
+        let index = usize::try_from(event_id).ok().and_then(|e| e.checked_sub(1));
+        index.and_then(|i| self.events.get(i)).unwrap_or_else(|| panic!("no event {event_id} in the log"))
+    }
+
+    /// The clusters and locations right after event `event_id` (0: before
+    /// any event).
+    pub fn after(&self, event_id: u64) -> &Snapshot {
+        let index = usize::try_from(event_id).expect("an event id fits usize");
+        self.history.get(index).unwrap_or_else(|| panic!("no event {event_id} in the log"))
     }
 
     fn cluster_mut(&mut self, id: &str, event: &Value) -> &mut ReplayedCluster {
@@ -330,12 +389,12 @@ impl Replayed {
     }
 
     /// Applies one event, checking it against the state the events before
-    /// it built. Each kind of event must say how it changes the clusters:
-    /// a new kind (merge, move) gets its own arm here.
+    /// it built. Each kind of event must say how it changes the clusters.
     fn apply(&mut self, event: &Value) {
         let cluster = &event["cluster"];
         let cluster_id = id_of(cluster);
         match event["event"].as_str().unwrap_or_default() {
+            "cluster.updated" if event.get("from_cluster_id").is_some() => self.apply_move(event),
             kind @ ("cluster.created" | "cluster.updated") => {
                 let message = id_of(&event["message"]);
                 assert_eq!(
@@ -345,7 +404,7 @@ impl Replayed {
                 assert_eq!(event["message"]["status"], "clustered", "{event}");
                 assert!(
                     !self.location.contains_key(&message),
-                    "message {message} has a second clustering event: {event}"
+                    "message {message} has a second clustering event (only an operation moves it): {event}"
                 );
                 if kind == "cluster.created" {
                     assert!(!self.clusters.contains_key(&cluster_id), "cluster {cluster_id} created twice: {event}");
@@ -383,9 +442,80 @@ impl Replayed {
                 self.location.insert(message, new_id);
                 self.check_snapshot(new_cluster, event);
             }
+            "cluster.merged" => {
+                assert!(event.get("message").is_none(), "a merge moves whole clusters: {event}");
+                let sources: Vec<String> = event["merged_cluster_ids"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("a merge lists the clusters merged: {event}"))
+                    .iter()
+                    .map(|id| {
+                        id.as_str().unwrap_or_else(|| panic!("merged cluster ids are strings: {event}")).to_owned()
+                    })
+                    .collect();
+                assert!(!sources.is_empty(), "a merge merges at least one cluster: {event}");
+                assert_eq!(
+                    sources.iter().collect::<BTreeSet<_>>().len(),
+                    sources.len(),
+                    "a cluster merged twice in one merge: {event}"
+                );
+                assert_eq!(self.cluster_mut(&cluster_id, event).status, "open", "merge into actioned cluster: {event}");
+                let mut moved = BTreeSet::new();
+                for source in &sources {
+                    assert_ne!(source, &cluster_id, "cluster {cluster_id} merged into itself: {event}");
+                    let gone = self
+                        .clusters
+                        .remove(source)
+                        .unwrap_or_else(|| panic!("cluster {source} merged, which does not exist (any more): {event}"));
+                    assert_eq!(gone.status, "open", "actioned cluster {source} merged away: {event}");
+                    moved.extend(gone.members);
+                }
+                for message in &moved {
+                    self.location.insert(message.clone(), cluster_id.clone());
+                }
+                self.cluster_mut(&cluster_id, event).members.extend(moved);
+            }
             other => panic!("the replay does not know {other:?} events; teach Replayed::apply: {event}"),
         }
         self.check_snapshot(cluster, event);
+    }
+
+    /// A creator's move (`cluster.updated` with `from_cluster_id`): the
+    /// message leaves its open cluster, which is deleted if it emptied
+    /// (then the event has no `from_cluster`), and joins the open target.
+    fn apply_move(&mut self, event: &Value) {
+        let target = id_of(&event["cluster"]);
+        let message = id_of(&event["message"]);
+        let from = event["from_cluster_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("from_cluster_id is a cluster id: {event}"))
+            .to_owned();
+        assert_eq!(event["message"]["cluster_id"], event["cluster"]["id"], "the message is in the target: {event}");
+        assert_eq!(event["message"]["status"], "clustered", "{event}");
+        assert_eq!(
+            self.location.get(&message),
+            Some(&from),
+            "message {message} moved out of cluster {from}, which it was not in: {event}"
+        );
+        assert_ne!(from, target, "message {message} moved into the cluster it was in: {event}");
+        let source = self.cluster_mut(&from, event);
+        assert_eq!(source.status, "open", "message {message} moved out of actioned cluster {from}: {event}");
+        source.members.remove(&message);
+        let emptied = source.members.is_empty();
+        match event.get("from_cluster") {
+            None => {
+                assert!(emptied, "cluster {from} kept members but the move says it was deleted: {event}");
+                self.clusters.remove(&from);
+            }
+            Some(from_cluster) => {
+                assert!(!emptied, "cluster {from} was emptied, but the move shows it: {event}");
+                assert_eq!(from_cluster["id"], from.as_str(), "{event}");
+                self.check_snapshot(from_cluster, event);
+            }
+        }
+        let joined = self.cluster_mut(&target, event);
+        assert_eq!(joined.status, "open", "message {message} moved into actioned cluster {target}: {event}");
+        joined.members.insert(message.clone());
+        self.location.insert(message, target);
     }
 
     /// The cluster object an event carries shows the cluster as it was
@@ -444,10 +574,12 @@ impl TestApp {
     /// - the event log: ids 1..=n without gaps, the creator's counter at n,
     ///   rows agreeing with their frames, no clustering event into a cluster
     ///   after its action;
-    /// - the replay of the log: exactly one clustering event per message,
-    ///   no member joining an actioned cluster, each event's cluster showing
-    ///   the replayed size and status, and the final replayed clusters,
-    ///   statuses and memberships equal to the tables.
+    /// - the replay of the log: exactly one clustering event per message
+    ///   (after it, only creator operations move it: remove, merge, move),
+    ///   no member joining an actioned cluster and none leaving one by a
+    ///   merge or move, merged and emptied clusters gone, each event's
+    ///   clusters showing the replayed size and status, and the final
+    ///   replayed clusters, statuses and memberships equal to the tables.
     pub async fn assert_cluster_invariants(&self, creator: &str) -> Replayed {
         let checks: [(&str, String); 10] = [
             (
@@ -544,10 +676,12 @@ impl TestApp {
         }
         assert!(failures.is_empty(), "invariants of {creator}'s clusters broken:\n{}", failures.join("\n"));
 
-        let mut replayed = Replayed::default();
+        let mut replayed = Replayed { history: vec![Snapshot::default()], ..Default::default() };
         for event in self.all_events(creator).await {
             replayed.apply(&event);
             replayed.events.push(event);
+            let snapshot = Snapshot { clusters: replayed.clusters.clone(), location: replayed.location.clone() };
+            replayed.history.push(snapshot);
         }
         let clusters: BTreeMap<String, (String, usize)> = self
             .db

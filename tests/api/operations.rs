@@ -959,6 +959,9 @@ async fn check_invariants(app: &TestApp, creator: &str) {
     for cluster in &state.clusters {
         assert_eq!(cluster.label, nearest_member_text(app, &cluster.id).await, "cluster {} label", cluster.id);
     }
+    // And the shared checks, whose replay of the log must end in the
+    // memberships stored.
+    app.assert_cluster_invariants(creator).await;
 }
 
 fn ids(rows: &[sea_orm::QueryResult]) -> Vec<String> {

@@ -5,14 +5,17 @@
 //! on the database (`assert_cluster_invariants`) and against what the
 //! clients saw happen before what; nothing depends on timing.
 
-use std::{cell::RefCell, collections::BTreeSet};
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet},
+};
 
 use actix_web::http::StatusCode;
 use futures_util::future::{join, join_all};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::{Barrier, watch};
 
-use crate::helpers::{TestApp, WsClient, fresh_database, spawn_app, spawn_app_on};
+use crate::helpers::{Snapshot, TestApp, WsClient, fresh_database, is_decision, spawn_app, spawn_app_on};
 
 /// One question, asked in many small variations that the test embedder
 /// (character n-grams) clusters together.
@@ -159,73 +162,250 @@ async fn fifty_similar_messages_through_two_instances_deciding_one_message_per_t
     burst(&[&one, &two], "creator-burst-50x2-single", 50).await;
 }
 
-/// A creator operation raced against incoming messages. Merge and move
-/// become further variants: each says how it picks its target among the
-/// clusters that the API shows, which answers only mean that another
-/// operation got there first, and what it did when it succeeded.
+/// A creator operation raced against incoming messages. Each picks its
+/// target among the clusters that the API shows, within one question (so
+/// that the two questions still never share a cluster).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
-    /// Answers one of the largest open clusters.
+    /// Answers one of the largest open clusters (not a singleton: those
+    /// are for merges and moves).
     Action,
     /// Removes a message from a cluster of two or more, open ones first.
     Remove,
+    /// Merges an open cluster of a question (sometimes two) into another
+    /// one.
+    Merge,
+    /// Moves a message of an open cluster into another open cluster of its
+    /// question, often the largest (where new messages go).
+    Move,
 }
 
-/// A successful operation, in the order the clients saw them complete.
+impl Op {
+    const ALL: [Op; 4] = [Op::Action, Op::Remove, Op::Merge, Op::Move];
+
+    /// How many workers run the operation: one for actions (each closes one
+    /// of the largest open clusters, which the other operations should
+    /// also get to change), three for removals (each opens a cluster that
+    /// merges and moves can use).
+    fn workers(self) -> usize {
+        match self {
+            Op::Action => 1,
+            Op::Remove => 3,
+            Op::Merge | Op::Move => 2,
+        }
+    }
+}
+
+/// One request of a worker: an operation, or the read of a listed cluster
+/// that picks a message to remove.
+#[derive(Debug, Clone)]
+enum Call {
+    Action { cluster: String },
+    Remove { cluster: String, message: String },
+    Merge { target: String, sources: Vec<String> },
+    Move { message: String, to: String },
+    Read { cluster: String },
+}
+
+/// The creator's newest event id just before a request was sent and just
+/// after its answer came: the request saw the clusters as they were after
+/// one of the events `before..=after`.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    before: u64,
+    after: u64,
+}
+
+/// A request that succeeded, in the order the clients saw them complete.
 #[derive(Debug)]
 struct Done {
     op: Op,
-    /// The cluster operated on.
-    cluster: String,
-    /// The message operated on, for operations on a message.
-    message: Option<String>,
+    call: Call,
+    answer: Value,
+    window: Window,
+}
+
+/// A request refused with 404 or 409: allowed only if, at some point of its
+/// window, the event log shows the state that the refusal describes
+/// ([`Call::explains`]), i.e. another request got there first.
+#[derive(Debug)]
+struct Refused {
+    op: Op,
+    call: Call,
+    status: StatusCode,
+    answer: Value,
+    window: Window,
 }
 
 /// How one run of an operation ended.
 enum Outcome {
     Done(Done),
-    /// An allowed refusal: the target changed between the read and the
-    /// operation (actioned, shrunk, the message left).
-    LostRace,
+    Refused(Refused),
     /// Nothing to operate on yet.
     NoTarget,
 }
 
-impl Op {
-    const ALL: [Op; 2] = [Op::Action, Op::Remove];
-
-    /// Answers that only mean that another operation changed the target
-    /// first; any other refusal is a bug.
-    fn lost_race(self, status: StatusCode) -> bool {
+impl Call {
+    async fn send(&self, app: &TestApp, pick: usize) -> (StatusCode, Value) {
         match self {
-            // Already actioned.
-            Op::Action => status == StatusCode::CONFLICT,
-            // The message left the cluster, or is its last one.
-            Op::Remove => matches!(status, StatusCode::NOT_FOUND | StatusCode::CONFLICT),
+            Call::Action { cluster } => {
+                let body = json!({"response_text": format!("answer {pick}")});
+                app.post(&format!("/v1/clusters/{cluster}/action"), &body).await
+            }
+            Call::Remove { cluster, message } => {
+                app.delete(&format!("/v1/clusters/{cluster}/messages/{message}")).await
+            }
+            Call::Merge { target, sources } => {
+                app.post(&format!("/v1/clusters/{target}/merge"), &json!({"cluster_ids": sources})).await
+            }
+            Call::Move { message, to } => {
+                app.post(&format!("/v1/messages/{message}/move"), &json!({"cluster_id": to})).await
+            }
+            Call::Read { cluster } => app.get(&format!("/v1/clusters/{cluster}?limit=500")).await,
         }
     }
 
+    /// Sends the request; returns the answer and the window it ran in.
+    /// Only 200, 404 and 409 are answers a race can give.
+    async fn request(&self, op: Op, app: &TestApp, creator: &str, pick: usize) -> (StatusCode, Value, Window) {
+        let before = app.last_event_id(creator).await;
+        let (status, answer) = self.send(app, pick).await;
+        let window = Window { before, after: app.last_event_id(creator).await };
+        match status {
+            StatusCode::OK => self.check_answer(&answer),
+            StatusCode::NOT_FOUND | StatusCode::CONFLICT => {}
+            s => panic!("{op:?}: {self:?} answered {s}: {answer}"),
+        }
+        (status, answer, window)
+    }
+
+    /// A 200 answer is about what was asked.
+    fn check_answer(&self, answer: &Value) {
+        match self {
+            Call::Action { cluster } => {
+                assert_eq!(answer["id"], cluster.as_str(), "{answer}");
+                assert_eq!(answer["status"], "actioned", "{answer}");
+            }
+            Call::Remove { cluster, message } => {
+                assert_eq!(answer["cluster"]["id"], cluster.as_str(), "{answer}");
+                assert_eq!(answer["message"]["id"], message.as_str(), "{answer}");
+                assert_ne!(answer["message"]["cluster_id"], cluster.as_str(), "{answer}");
+                assert_eq!(answer["message"]["status"], "clustered", "{answer}");
+            }
+            Call::Merge { target, sources } => {
+                assert_eq!(answer["id"], target.as_str(), "{answer}");
+                assert_eq!(answer["status"], "open", "{answer}");
+                assert!(answer["size"].as_u64().is_some_and(|size| size > sources.len() as u64), "{answer}");
+            }
+            Call::Move { message, to } => {
+                assert_eq!(answer["cluster"]["id"], to.as_str(), "{answer}");
+                assert_eq!(answer["cluster"]["status"], "open", "{answer}");
+                assert_eq!(answer["message"]["id"], message.as_str(), "{answer}");
+                assert_eq!(answer["message"]["cluster_id"], to.as_str(), "{answer}");
+                assert!(answer["from_cluster"].is_null() || answer["from_cluster"]["id"] != to.as_str(), "{answer}");
+            }
+            Call::Read { cluster } => assert_eq!(answer["id"], cluster.as_str(), "the cluster read"),
+        }
+    }
+
+    /// Whether the clusters as they were at one point (`state`) explain a
+    /// refusal, as docs/api.md lists each endpoint's refusals: only states
+    /// that another request can bring about (merged away or emptied, the
+    /// message moved or removed, actioned) explain anything here.
+    fn explains(&self, status: StatusCode, state: &Snapshot) -> bool {
+        let exists = |id: &String| state.cluster(id).is_some();
+        match (self, status) {
+            (Call::Action { cluster }, StatusCode::NOT_FOUND) => !exists(cluster),
+            (Call::Action { cluster }, StatusCode::CONFLICT) => state.is_actioned(cluster),
+            // The cluster is gone (then the message is not in it), or the
+            // message left it.
+            (Call::Remove { cluster, message }, StatusCode::NOT_FOUND) => {
+                state.location_of(message) != Some(cluster.as_str())
+            }
+            (Call::Remove { cluster, message }, StatusCode::CONFLICT) => {
+                state.location_of(message) == Some(cluster.as_str())
+                    && state.cluster(cluster).is_some_and(|c| c.members.len() <= 1)
+            }
+            (Call::Merge { target, sources }, StatusCode::NOT_FOUND) => {
+                !exists(target) || sources.iter().any(|s| !exists(s))
+            }
+            (Call::Merge { target, sources }, StatusCode::CONFLICT) => {
+                let all = || std::iter::once(target).chain(sources);
+                all().all(exists) && all().any(|c| state.is_actioned(c))
+            }
+            (Call::Move { to, .. }, StatusCode::NOT_FOUND) => !exists(to),
+            (Call::Move { message, to }, StatusCode::CONFLICT) => {
+                let from = state.location_of(message);
+                exists(to)
+                    && (from == Some(to.as_str())
+                        || state.is_actioned(to)
+                        || from.is_some_and(|f| state.is_actioned(f)))
+            }
+            (Call::Read { cluster }, StatusCode::NOT_FOUND) => !exists(cluster),
+            _ => false,
+        }
+    }
+
+    /// Whether `event` is the one this successful call (answered `answer`)
+    /// emitted: the objects it carries are the ones answered.
+    fn emitted(&self, answer: &Value, event: &Value) -> bool {
+        let kind = event["event"].as_str().unwrap_or_default();
+        match self {
+            Call::Action { .. } => kind == "cluster.actioned" && event["cluster"] == *answer,
+            Call::Remove { .. } => {
+                kind == "message.removed"
+                    && event["cluster"] == answer["cluster"]
+                    && event["message"] == answer["message"]
+            }
+            Call::Merge { sources, .. } => {
+                let merged: Option<BTreeSet<&str>> =
+                    event["merged_cluster_ids"].as_array().map(|ids| ids.iter().filter_map(Value::as_str).collect());
+                kind == "cluster.merged"
+                    && event["cluster"] == *answer
+                    && merged == Some(sources.iter().map(String::as_str).collect())
+            }
+            Call::Move { .. } => {
+                kind == "cluster.updated"
+                    && event.get("from_cluster_id").is_some()
+                    && event["cluster"] == answer["cluster"]
+                    && event["message"] == answer["message"]
+                    && event.get("from_cluster").unwrap_or(&Value::Null) == &answer["from_cluster"]
+            }
+            Call::Read { .. } => false,
+        }
+    }
+}
+
+/// Whether an event is a creator's operation (not a clustering decision).
+fn is_operation(event: &Value) -> bool {
+    !is_decision(event)
+}
+
+impl Op {
     /// Picks a target (`pick` varies the choice between runs) among the
     /// creator's clusters as the API shows them now, and runs the
     /// operation once.
     async fn run(self, app: &TestApp, creator: &str, pick: usize) -> Outcome {
-        let (status, body, cluster, message) = match self {
+        let call = match self {
             Op::Action => {
-                let open = clusters(app, creator, "open", 0).await;
-                let Some(target) = nth(&open, pick) else { return Outcome::NoTarget };
-                let (status, body) = app
-                    .post(&format!("/v1/clusters/{target}/action"), &json!({"response_text": format!("answer {pick}")}))
-                    .await;
-                (status, body, target, None)
+                let open: Vec<Listed> =
+                    listing(app, creator, "open").await.into_iter().filter(|c| c.size >= 2).collect();
+                let Some(cluster) = nth(&open, pick) else { return Outcome::NoTarget };
+                Call::Action { cluster: cluster.id.clone() }
             }
             Op::Remove => {
-                let mut candidates = clusters(app, creator, "open", 2).await;
+                let mut candidates: Vec<Listed> =
+                    listing(app, creator, "open").await.into_iter().filter(|c| c.size >= 2).collect();
                 if candidates.is_empty() {
-                    candidates = clusters(app, creator, "all", 2).await;
+                    candidates = listing(app, creator, "all").await.into_iter().filter(|c| c.size >= 2).collect();
                 }
-                let Some(target) = nth(&candidates, pick) else { return Outcome::NoTarget };
-                let (status, detail) = app.get(&format!("/v1/clusters/{target}?limit=500")).await;
-                assert_eq!(status, StatusCode::OK, "a cluster never disappears: {detail}");
+                let Some(cluster) = nth(&candidates, pick) else { return Outcome::NoTarget };
+                let cluster = cluster.id.clone();
+                let read = Call::Read { cluster: cluster.clone() };
+                let (status, detail, window) = read.request(self, app, creator, pick).await;
+                if status != StatusCode::OK {
+                    return Outcome::Refused(Refused { op: self, call: read, status, answer: detail, window });
+                }
                 let members: Vec<String> = detail["messages"]
                     .as_array()
                     .expect("a message list")
@@ -235,41 +415,99 @@ impl Op {
                 let Some(message) = members.get(pick.wrapping_mul(7) % members.len().max(1)).cloned() else {
                     return Outcome::NoTarget;
                 };
-                let (status, body) = app.delete(&format!("/v1/clusters/{target}/messages/{message}")).await;
-                if status == StatusCode::OK {
-                    assert_eq!(body["cluster"]["id"], target.as_str(), "{body}");
-                    assert_eq!(body["message"]["id"], message.as_str(), "{body}");
-                    assert_ne!(body["message"]["cluster_id"], target.as_str(), "{body}");
-                    assert_eq!(body["message"]["status"], "clustered", "{body}");
-                }
-                (status, body, target, Some(message))
+                Call::Remove { cluster, message }
+            }
+            Op::Merge => {
+                let open = listing(app, creator, "open").await;
+                let Some(group) = question_with_two_clusters(&open, pick) else { return Outcome::NoTarget };
+                let target = group[(pick / 2) % group.len().min(3)];
+                let others: Vec<&Listed> = group.iter().copied().filter(|c| c.id != target.id).collect();
+                let n = if pick % 4 == 3 { others.len().min(2) } else { 1 };
+                let first = (pick / 5) % others.len();
+                let sources = (0..n).map(|i| others[(first + i) % others.len()].id.clone()).collect();
+                Call::Merge { target: target.id.clone(), sources }
+            }
+            Op::Move => {
+                let open = listing(app, creator, "open").await;
+                let Some(group) = question_with_two_clusters(&open, pick) else { return Outcome::NoTarget };
+                let from = (pick / 2) % group.len();
+                // Half of the moves go into the largest cluster of the
+                // question, the one that new messages keep joining.
+                let to = if pick % 4 < 2 && from != 0 {
+                    0
+                } else {
+                    (from + 1 + (pick / 4) % (group.len() - 1)) % group.len()
+                };
+                let samples = &group[from].samples;
+                let Some(message) = samples.get(pick.wrapping_mul(7) % samples.len().max(1)) else {
+                    return Outcome::NoTarget;
+                };
+                Call::Move { message: message.clone(), to: group[to].id.clone() }
             }
         };
-        match status {
-            StatusCode::OK => Outcome::Done(Done { op: self, cluster, message }),
-            s if self.lost_race(s) => Outcome::LostRace,
-            s => panic!("{self:?} on cluster {cluster} answered {s}: {body}"),
+        let (status, answer, window) = call.request(self, app, creator, pick).await;
+        if status == StatusCode::OK {
+            Outcome::Done(Done { op: self, call, answer, window })
+        } else {
+            Outcome::Refused(Refused { op: self, call, status, answer, window })
         }
     }
 }
 
-/// The ids of up to 10 of the creator's clusters (`status`: open or all)
-/// with at least `min_size` messages, largest first.
-async fn clusters(app: &TestApp, creator: &str, status: &str, min_size: u64) -> Vec<String> {
-    let (code, list) = app.get(&format!("/v1/creators/{creator}/clusters?status={status}&sort=size&limit=10")).await;
+/// A cluster as a listing shows it.
+struct Listed {
+    id: String,
+    size: u64,
+    /// [`QUESTION`] or [`OTHER`], by its label (every member is of one).
+    topic: &'static str,
+    /// The ids of its first messages.
+    samples: Vec<String>,
+}
+
+/// Up to 50 of the creator's clusters (`status`: open or all), largest
+/// first.
+async fn listing(app: &TestApp, creator: &str, status: &str) -> Vec<Listed> {
+    let (code, list) = app.get(&format!("/v1/creators/{creator}/clusters?status={status}&sort=size&limit=50")).await;
     assert_eq!(code, StatusCode::OK, "{list}");
     list["clusters"]
         .as_array()
         .expect("a cluster list")
         .iter()
-        .filter(|c| c["size"].as_u64().is_some_and(|size| size >= min_size))
-        .filter_map(|c| c["id"].as_str().map(str::to_owned))
+        .map(|c| {
+            let label = c["label"].as_str().expect("a label");
+            Listed {
+                id: c["id"].as_str().expect("an id").to_owned(),
+                size: c["size"].as_u64().expect("a size"),
+                topic: [QUESTION, OTHER]
+                    .into_iter()
+                    .find(|q| label.starts_with(q))
+                    .unwrap_or_else(|| panic!("label {label:?} is a variant of neither question")),
+                samples: c["sample_messages"]
+                    .as_array()
+                    .expect("sample messages")
+                    .iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                    .collect(),
+            }
+        })
         .collect()
 }
 
 /// The `pick`-th of the first three (wrapping), if any.
-fn nth(ids: &[String], pick: usize) -> Option<String> {
-    (!ids.is_empty()).then(|| ids[pick % ids.len().min(3)].clone())
+fn nth(clusters: &[Listed], pick: usize) -> Option<&Listed> {
+    (!clusters.is_empty()).then(|| &clusters[pick % clusters.len().min(3)])
+}
+
+/// The listed clusters of one question (chosen by `pick`) that has at least
+/// two of them, largest first.
+fn question_with_two_clusters(listed: &[Listed], pick: usize) -> Option<Vec<&Listed>> {
+    let groups: Vec<Vec<&Listed>> = [QUESTION, OTHER]
+        .into_iter()
+        .map(|q| listed.iter().filter(|c| c.topic == q).collect::<Vec<_>>())
+        .filter(|g| g.len() >= 2)
+        .collect();
+    let n = groups.len();
+    groups.into_iter().nth(pick % n.max(1))
 }
 
 /// A message as its sender saw it.
@@ -287,13 +525,20 @@ struct Sent {
 /// workers run in rounds: round r starts once chunk r is acknowledged and
 /// chunk r + 2 waits for round r to end, so operations always run while the
 /// next messages arrive and are decided, without any sleep.
+///
+/// Then, on the event log: every successful operation emitted exactly one
+/// event, carrying what it answered, within the time it ran; every refusal
+/// is explained by a state the log went through while it ran; no message
+/// joined a cluster after its action; no removed or moved message went
+/// back into the cluster it left but by another operation; and the two
+/// questions never share a cluster.
 async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
     const QUESTION_STREAMS: usize = 6;
     const STREAMS: usize = QUESTION_STREAMS + 2;
     const CHUNKS: usize = 8;
     const CHUNK: usize = 4;
-    const WORKERS_PER_OP: usize = 2;
     const RUNS_PER_ROUND: usize = 2;
+    const TRIES: usize = 3;
 
     let mut senders = Vec::with_capacity(STREAMS);
     for s in 0..STREAMS {
@@ -301,7 +546,7 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
     }
     let workers: Vec<(Op, TestApp)> = Op::ALL
         .iter()
-        .flat_map(|op| std::iter::repeat_n(*op, WORKERS_PER_OP))
+        .flat_map(|op| std::iter::repeat_n(*op, op.workers()))
         .enumerate()
         .map(|(w, op)| (op, apps[w % apps.len()].with_own_connection()))
         .collect();
@@ -310,7 +555,8 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
     let rounds_done = watch::Sender::new(0usize);
     let sent = RefCell::new(Vec::<Sent>::new());
     let done = RefCell::new(Vec::<Done>::new());
-    let lost = RefCell::new(Vec::<Op>::new());
+    let refused = RefCell::new(Vec::<Refused>::new());
+    let idle = RefCell::new(Vec::<Op>::new());
 
     let streams = senders.iter_mut().enumerate().map(|(s, sender)| {
         let (barrier, chunks_sent, rounds_done, sent, done) = (&barrier, &chunks_sent, &rounds_done, &sent, &done);
@@ -334,7 +580,8 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
         }
     });
     let operations = workers.iter().enumerate().map(|(w, (op, app))| {
-        let (barrier, chunks_sent, rounds_done, done, lost) = (&barrier, &chunks_sent, &rounds_done, &done, &lost);
+        let (barrier, chunks_sent, rounds_done, done, refused, idle) =
+            (&barrier, &chunks_sent, &rounds_done, &done, &refused, &idle);
         let n_workers = workers.len();
         async move {
             barrier.wait().await;
@@ -342,10 +589,18 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
                 let mut chunks = chunks_sent.subscribe();
                 chunks.wait_for(|n| *n >= (round + 1) * STREAMS).await.expect("the sender lives");
                 for run in 0..RUNS_PER_ROUND {
-                    match op.run(app, creator, (round * RUNS_PER_ROUND + run) * n_workers + w).await {
-                        Outcome::Done(d) => done.borrow_mut().push(d),
-                        Outcome::LostRace => lost.borrow_mut().push(*op),
-                        Outcome::NoTarget => {}
+                    // A client that lost a race, or found nothing to do,
+                    // looks again (a little later) and tries once more.
+                    for attempt in 0..TRIES {
+                        let pick = ((round * RUNS_PER_ROUND + run) * TRIES + attempt) * n_workers + w;
+                        match op.run(app, creator, pick).await {
+                            Outcome::Done(d) => {
+                                done.borrow_mut().push(d);
+                                break;
+                            }
+                            Outcome::Refused(r) => refused.borrow_mut().push(r),
+                            Outcome::NoTarget => idle.borrow_mut().push(*op),
+                        }
                     }
                 }
                 rounds_done.send_modify(|r| *r += 1);
@@ -354,7 +609,7 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
     });
     join(join_all(streams), join_all(operations)).await;
 
-    let (sent, done) = (sent.into_inner(), done.into_inner());
+    let (sent, done, refused) = (sent.into_inner(), done.into_inner(), refused.into_inner());
     assert_eq!(sent.len(), STREAMS * CHUNKS * CHUNK);
     apps[0].wait_settled(creator, sent.len() as i64).await;
     let replayed = apps[0].assert_cluster_invariants(creator).await;
@@ -363,8 +618,6 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
     for op in Op::ALL {
         assert!(successes(op) > 0, "no {op:?} succeeded: the race did not happen ({done:?})");
     }
-    assert_eq!(replayed.count("cluster.actioned"), successes(Op::Action), "one event per action");
-    assert_eq!(replayed.count("message.removed"), successes(Op::Remove), "one event per removal");
     for op in Op::ALL {
         let first = done.iter().position(|d| d.op == op).expect("a success");
         assert!(
@@ -373,35 +626,121 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
         );
     }
 
+    // Each successful operation emitted exactly one event, the one carrying
+    // what it answered, committed while it ran; and the log holds no other
+    // operation's event.
+    let mut emitted = BTreeSet::new();
+    let mut event_of = Vec::with_capacity(done.len());
+    for d in &done {
+        let matching: Vec<u64> = replayed
+            .events
+            .iter()
+            .filter(|e| d.call.emitted(&d.answer, e))
+            .map(|e| e["event_id"].as_u64().expect("an event id"))
+            .collect();
+        let [event_id] = matching[..] else {
+            panic!("{:?} {:?} answered {} and has events {matching:?}, not exactly one", d.op, d.call, d.answer)
+        };
+        assert!(
+            d.window.before < event_id && event_id <= d.window.after,
+            "{:?}'s event {event_id} is outside the time it ran, after events {:?}",
+            d.call,
+            d.window
+        );
+        assert!(emitted.insert(event_id), "event {event_id} answers two operations");
+        event_of.push(event_id);
+    }
+    let operation_events: Vec<u64> = replayed
+        .events
+        .iter()
+        .filter(|e| is_operation(e))
+        .map(|e| e["event_id"].as_u64().expect("an event id"))
+        .collect();
+    assert_eq!(operation_events, emitted.iter().copied().collect::<Vec<_>>(), "operation events without an operation");
+    assert_eq!(replayed.count("cluster.actioned"), successes(Op::Action), "one event per action");
+    assert_eq!(replayed.count("message.removed"), successes(Op::Remove), "one event per removal");
+    assert_eq!(replayed.count("cluster.merged"), successes(Op::Merge), "one event per merge");
+    let moves = replayed.events.iter().filter(|e| e.get("from_cluster_id").is_some()).count();
+    assert_eq!(moves, successes(Op::Move), "one event per move");
+
+    // Each refusal is one a race explains: at some point while it ran, the
+    // log shows the cluster merged away or emptied, the message gone from
+    // it, or the cluster actioned.
+    for r in &refused {
+        let Window { before, after } = r.window;
+        assert!(
+            (before..=after).any(|e| r.call.explains(r.status, replayed.after(e))),
+            "{:?}: {:?} answered {} ({}), which no state of the log after events {before}..={after} explains",
+            r.op,
+            r.call,
+            r.status,
+            r.answer
+        );
+    }
+
     // A message sent after an action succeeded never joins that cluster.
     for message in &sent {
         let into = replayed.clustered_into(&message.id).expect("every message has a clustering event");
-        for action in done[..message.ops_before].iter().filter(|d| d.op == Op::Action) {
-            assert_ne!(
-                into, action.cluster,
-                "message {} sent after cluster {} was actioned joined it",
-                message.id, into
-            );
+        for done in &done[..message.ops_before] {
+            if let Call::Action { cluster } = &done.call {
+                assert_ne!(&into, cluster, "message {} sent after cluster {} was actioned joined it", message.id, into);
+            }
         }
     }
-    // A removed message is never pulled back into the cluster it left.
-    for removal in done.iter().filter(|d| d.op == Op::Remove) {
-        let message = removal.message.as_ref().expect("a removal names its message");
-        assert_ne!(replayed.location[message], removal.cluster, "message {message} went back into the cluster it left");
+    // A removed or moved message never goes back into the cluster it left
+    // by an automatic decision: only another operation (a merge or a move)
+    // brings it back.
+    let mut brought_back = 0;
+    for (d, &event_id) in done.iter().zip(&event_of) {
+        let event = replayed.event(event_id);
+        let (message, left) = match &d.call {
+            Call::Remove { cluster, message } => (message, cluster.clone()),
+            Call::Move { message, .. } => {
+                (message, event["from_cluster_id"].as_str().expect("a move names the cluster left").to_owned())
+            }
+            _ => continue,
+        };
+        for e in event_id + 1..=replayed.events.len() as u64 {
+            let back = replayed.after(e).location_of(message) == Some(left.as_str());
+            if back && replayed.after(e - 1).location_of(message) != Some(left.as_str()) {
+                // A merge into that cluster, or a move of this message.
+                let by = replayed.event(e);
+                let merged_in = by["event"] == "cluster.merged";
+                let moved_in = by.get("from_cluster_id").is_some() && by["message"]["id"] == message.as_str();
+                assert!(
+                    (merged_in || moved_in) && by["cluster"]["id"] == left.as_str(),
+                    "message {message} was pulled back into cluster {left}, which it left by event {event_id}: {by}"
+                );
+                brought_back += 1;
+            }
+        }
     }
     // The two questions never share a cluster.
     for (id, cluster) in &replayed.clusters {
         let topics: BTreeSet<&str> = sent.iter().filter(|m| cluster.members.contains(&m.id)).map(|m| m.topic).collect();
         assert_eq!(topics.len(), 1, "cluster {id} mixes questions: {topics:?}");
     }
-    let lost = lost.into_inner();
+    let refusals: BTreeMap<String, usize> = refused.iter().fold(BTreeMap::new(), |mut counts, r| {
+        *counts.entry(format!("{:?} {}", r.op, r.status.as_u16())).or_default() += 1;
+        counts
+    });
+    let idle: BTreeMap<String, usize> = idle.into_inner().iter().fold(BTreeMap::new(), |mut counts, op| {
+        *counts.entry(format!("{op:?}")).or_default() += 1;
+        counts
+    });
+    let emptying =
+        done.iter().filter(|d| matches!(d.call, Call::Move { .. }) && d.answer["from_cluster"].is_null()).count();
     eprintln!(
-        "{creator}: {} messages, {} clusters, {} actions and {} removals succeeded, {} lost races",
+        "{creator}: {} messages, {} clusters, {} events; succeeded: {} actions, {} removals, {} merges, {} moves; \
+         refused (each explained by the log): {refusals:?}; {brought_back} messages brought back by an operation; \
+         nothing to do: {idle:?}; {emptying} moves emptied and deleted their cluster",
         sent.len(),
         replayed.clusters.len(),
+        replayed.events.len(),
         successes(Op::Action),
         successes(Op::Remove),
-        lost.len()
+        successes(Op::Merge),
+        successes(Op::Move),
     );
 }
 
