@@ -262,8 +262,9 @@ impl Repository {
     }
 
     /// Moves a message out of its cluster into a new open singleton cluster.
-    /// `NotFound` if the message is not in that cluster; `Conflict` if it is
-    /// the cluster's only message.
+    /// `NotFound` if the message is not in that cluster; `Conflict` if the
+    /// cluster is actioned (its messages were answered) or the message is
+    /// its only one.
     #[tracing::instrument(skip(self))]
     pub async fn remove_message(
         &self,
@@ -277,6 +278,11 @@ impl Repository {
             .one(&tx)
             .await?
             .ok_or(RepoError::NotFound)?;
+        if cluster.status == ClusterStatus::Actioned {
+            return Err(RepoError::Conflict(format!(
+                "cluster {cluster_id} is actioned: its messages have been answered"
+            )));
+        }
         if cluster.size <= 1 {
             return Err(RepoError::Conflict(format!(
                 "message {message_id} is the only message of cluster {cluster_id}"

@@ -532,9 +532,10 @@ async fn random_operations_keep_every_cluster_true_to_its_members() {
             assert_eq!(status, StatusCode::OK, "{context}: action {body}");
             *counts.entry("action").or_default() += 1;
         } else if roll < 62 {
-            // Mostly a cluster with a message to spare; sometimes a
-            // singleton, which must be refused.
-            let splittable: Vec<&ClusterState> = state.clusters.iter().filter(|c| c.size >= 2).collect();
+            // Mostly an open cluster with a message to spare; sometimes a
+            // singleton or an actioned cluster, which must be refused.
+            let splittable: Vec<&ClusterState> =
+                state.clusters.iter().filter(|c| c.size >= 2 && c.status == "open").collect();
             let pool = if rng.random_bool(0.8) && !splittable.is_empty() {
                 splittable
             } else {
@@ -545,7 +546,9 @@ async fn random_operations_keep_every_cluster_true_to_its_members() {
             let Some(message) = members.choose(&mut rng) else { continue };
             let (status, body) = op(&app, &mut ops, via, remove_frame(&cluster.id, message)).await;
             // Clustering may have grown a singleton meanwhile, never shrunk one.
-            if cluster.size >= 2 {
+            if cluster.status != "open" {
+                assert_eq!(status, StatusCode::CONFLICT, "{context}: remove from an actioned cluster {body}");
+            } else if cluster.size >= 2 {
                 assert_eq!(status, StatusCode::OK, "{context}: remove {body}");
                 assert_ne!(body["message"]["cluster_id"], cluster.id.as_str());
             } else {

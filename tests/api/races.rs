@@ -324,7 +324,7 @@ impl Call {
             }
             (Call::Remove { cluster, message }, StatusCode::CONFLICT) => {
                 state.location_of(message) == Some(cluster.as_str())
-                    && state.cluster(cluster).is_some_and(|c| c.members.len() <= 1)
+                    && (state.is_actioned(cluster) || state.cluster(cluster).is_some_and(|c| c.members.len() <= 1))
             }
             (Call::Merge { target, sources }, StatusCode::NOT_FOUND) => {
                 !exists(target) || sources.iter().any(|s| !exists(s))
