@@ -2,7 +2,10 @@
 # on it, both gone when the script exits.
 #
 # Needs BIN (release binaries), PORT, LOG_DIR and DB set by the caller; sets
-# `daemon` (its pid) and DB_URL.
+# DB_URL and, once started, `daemon` (its pid). With LT_DEFER_DAEMON=1 only
+# the (empty) database is created: the caller loads it, then calls
+# start_daemon. With LT_KEEP_DB=1 the database is kept (for a look with
+# psql; drop it yourself).
 
 for exe in clusterd loadtest; do
     [[ -x "$BIN/$exe" ]] || { echo "bench: $BIN/$exe missing; run cargo build --release -p clusterd -p loadtest" >&2; exit 1; }
@@ -17,16 +20,25 @@ cleanup() {
         kill -TERM "$daemon" 2>/dev/null || true
         wait "$daemon" 2>/dev/null || true
     fi
-    scripts/stack.sh psql -q -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null || true
+    if [[ "${LT_KEEP_DB:-0}" == 1 ]]; then
+        echo "bench: database $DB kept (LT_KEEP_DB=1)" >&2
+    else
+        scripts/stack.sh psql -q -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null || true
+    fi
 }
 trap cleanup EXIT
 
+# Starts the daemon on the database and waits (up to 20 s) until it is ready.
+start_daemon() {
+    CLUSTERD__DATABASE__URL="$DB_URL" CLUSTERD__SERVER__BIND="127.0.0.1:$PORT" \
+        "$BIN/clusterd" serve >>"$LOG_DIR/$DB.log" 2>&1 &
+    daemon=$!
+    for _ in $(seq 1 100); do
+        curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
+        kill -0 "$daemon" 2>/dev/null || { tail -n 20 "$LOG_DIR/$DB.log" >&2; exit 1; }
+        sleep 0.2
+    done
+}
+
 scripts/stack.sh psql -q -c "CREATE DATABASE $DB" >/dev/null
-CLUSTERD__DATABASE__URL="$DB_URL" CLUSTERD__SERVER__BIND="127.0.0.1:$PORT" \
-    "$BIN/clusterd" serve >"$LOG_DIR/$DB.log" 2>&1 &
-daemon=$!
-for _ in $(seq 1 100); do
-    curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
-    kill -0 "$daemon" 2>/dev/null || { tail -n 20 "$LOG_DIR/$DB.log" >&2; exit 1; }
-    sleep 0.2
-done
+[[ "${LT_DEFER_DAEMON:-0}" == 1 ]] || start_daemon

@@ -49,6 +49,18 @@ pub struct Metrics {
 /// Latency buckets from 0.25 ms to 10 s.
 const LATENCY: &[f64] =
     &[0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Finer latency buckets for the clustering transaction, 0.5 ms to 10 s
+/// (percentiles are interpolated within a bucket: see
+/// loadtest/decision_bench.sh).
+const COMMIT_LATENCY: &[f64] = &[
+    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04,
+    0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// The in-memory decision per message, 1 us to 10 ms.
+const DECIDE_LATENCY: &[f64] = &[
+    1e-6, 2e-6, 3e-6, 5e-6, 7.5e-6, 1e-5, 1.5e-5, 2e-5, 3e-5, 4e-5, 5e-5, 7.5e-5, 1e-4, 1.5e-4, 2e-4, 3e-4, 5e-4,
+    7.5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2,
+];
 const SIZES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
 impl Metrics {
@@ -141,7 +153,7 @@ impl Metrics {
             cluster_decide_seconds: register!(histogram(
                 "cluster_decide_seconds",
                 "In-memory clustering decision per message (the open-cluster index scan)",
-                &[1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2]
+                DECIDE_LATENCY
             )),
             cluster_index_rebuilds: register!(counter(
                 "cluster_index_rebuilds_total",
@@ -150,7 +162,7 @@ impl Metrics {
             cluster_commit_seconds: register!(histogram(
                 "cluster_commit_seconds",
                 "Clustering transaction latency per group",
-                LATENCY
+                COMMIT_LATENCY
             )),
             cluster_queue: register!(IntGauge::new("cluster_queue", "Messages waiting for a clustering decision")),
             cluster_indexed_creators: register!(IntGauge::new(

@@ -36,9 +36,15 @@ pub struct Args {
     /// Stop sending after this many messages.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
-    /// Creators the messages are spread over (ids `lt-<run>-<k>`).
+    /// Creators the messages are spread over (ids `lt-<run>-<k>`, fresh for
+    /// every run, unless --creator-prefix is given).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub creators: u32,
+    /// Send to the existing creators `<PREFIX><k>`, k = 0..--creators,
+    /// instead of fresh ones: e.g. creators with a long history loaded
+    /// beforehand (loadtest/decision_bench.sh uses `dc-`).
+    #[arg(long, value_parser = creator_prefix)]
+    pub creator_prefix: Option<String>,
     /// Texts: built-in chat questions with random variations, or verbatim.
     #[arg(long, value_enum, default_value_t = TextMix::Mix)]
     pub texts: TextMix,
@@ -101,6 +107,16 @@ impl Args {
     pub fn event_sockets(&self) -> usize {
         if self.events { (self.creators as usize).div_ceil(CREATORS_PER_EVENT_SOCKET) } else { 0 }
     }
+}
+
+/// A prefix that keeps `<prefix><k>` a valid creator id for every k
+/// (at most 100 characters of `[A-Za-z0-9_.:-]`).
+fn creator_prefix(prefix: &str) -> Result<String, String> {
+    if prefix.len() > 100 {
+        return Err("at most 100 characters".into());
+    }
+    clusterd::domain::validate::creator_id(&format!("{prefix}0")).map_err(|e| e.to_string())?;
+    Ok(prefix.to_owned())
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -170,6 +186,15 @@ mod tests {
         let args = Args::try_parse_from(["loadtest", "--count", "10", "--events", "false"]).unwrap();
         assert_eq!((args.count, args.events, args.event_sockets()), (Some(10), false, 0));
         let args = Args::try_parse_from(["loadtest", "--duration", "5", "--creators", "101"]).unwrap();
-        assert_eq!(args.event_sockets(), 3);
+        assert_eq!((args.event_sockets(), args.creator_prefix), (3, None));
+    }
+
+    #[test]
+    fn creator_prefixes_must_make_valid_ids() {
+        let args = Args::try_parse_from(["loadtest", "--count", "1", "--creator-prefix", "dc-"]).unwrap();
+        assert_eq!(args.creator_prefix.as_deref(), Some("dc-"));
+        for bad in ["a b", "é", &"x".repeat(101)] {
+            assert!(Args::try_parse_from(["loadtest", "--count", "1", "--creator-prefix", bad]).is_err(), "{bad}");
+        }
     }
 }

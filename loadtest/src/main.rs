@@ -12,7 +12,8 @@
 //! BENCHMARKS.md.
 //!
 //! A run sends short chat questions (see [`texts`]) to `--creators` fresh
-//! creators (`lt-<run>-<k>`), over pipelined WebSocket `ingest` frames or
+//! creators (`lt-<run>-<k>`; or existing ones, `<prefix><k>`, with
+//! `--creator-prefix`), over pipelined WebSocket `ingest` frames or
 //! sequential `POST /v1/messages`, until `--duration` or `--count` is
 //! reached. With `--events` (the default) it first subscribes to every run
 //! creator and times each message from its send to its `cluster.created` /
@@ -65,7 +66,14 @@ async fn execute(args: Args) -> anyhow::Result<()> {
     let drain = args.drain()?;
     check_ready(&target).await?;
 
-    let run = Rc::new(Run::new(args.creators, args.seed, args.texts, args.limits()?, args.events));
+    let run = Rc::new(Run::new(
+        args.creators,
+        args.creator_prefix.as_deref(),
+        args.seed,
+        args.texts,
+        args.limits()?,
+        args.events,
+    ));
     let setup = Setup { run_id: &run.id, description: describe(&args, &target, run.seed) };
     eprintln!("loadtest: run {}: {}", setup.run_id, setup.description);
 
@@ -124,11 +132,14 @@ fn describe(args: &Args, target: &Target, seed: u64) -> String {
         0 => "events off".to_owned(),
         n => format!("events on ({n} sockets)"),
     };
+    let creators = match &args.creator_prefix {
+        Some(prefix) => format!("{} creators {prefix}0..{}", args.creators, args.creators - 1),
+        None => format!("{} creators", args.creators),
+    };
     format!(
-        "{} x {}{window}, {pace}, {stop}, {} creators, texts {texts}, {events}, seed {seed}, {}",
+        "{} x {}{window}, {pace}, {stop}, {creators}, texts {texts}, {events}, seed {seed}, {}",
         args.connections,
         args.transport.as_str(),
-        args.creators,
         target.http,
     )
 }

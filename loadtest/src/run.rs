@@ -28,11 +28,21 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn new(creators: u32, seed: Option<u64>, mix: TextMix, limits: Limits, track_events: bool) -> Self {
+    /// Creators are `<prefix><k>` when `prefix` is given (existing
+    /// creators), else fresh ones: `lt-<run>-<k>`.
+    pub fn new(
+        creators: u32,
+        prefix: Option<&str>,
+        seed: Option<u64>,
+        mix: TextMix,
+        limits: Limits,
+        track_events: bool,
+    ) -> Self {
         let id = run_id();
         let seed = seed.unwrap_or_else(|| u64::from_str_radix(&id, 16).expect("the run id is hex"));
+        let prefix = prefix.map_or_else(|| format!("lt-{id}-"), str::to_owned);
         Self {
-            creators: (0..creators).map(|k| format!("lt-{id}-{k}")).collect(),
+            creators: (0..creators).map(|k| format!("{prefix}{k}")).collect(),
             id,
             seed,
             mix,
@@ -121,19 +131,23 @@ mod tests {
 
     #[test]
     fn a_plan_stops_at_its_count() {
-        let run = Run::new(3, Some(1), TextMix::Mix, Limits { duration: None, count: Some(3) }, false);
+        let run = Run::new(3, None, Some(1), TextMix::Mix, Limits { duration: None, count: Some(3) }, false);
         run.plan.start();
         let claimed: Vec<_> = std::iter::from_fn(|| run.plan.claim()).collect();
         assert_eq!(claimed, [0, 1, 2]);
         assert_eq!(run.creators.len(), 3);
         assert!(run.creators[2].starts_with("lt-") && run.creators[2].ends_with("-2"));
+        let run = Run::new(3, Some("dc-"), Some(1), TextMix::Mix, Limits { duration: None, count: Some(3) }, false);
+        assert_eq!(run.creators, ["dc-0", "dc-1", "dc-2"]);
     }
 
     #[test]
     fn messages_follow_the_seed() {
         let limits = Limits { duration: None, count: Some(1) };
-        let (a, b) =
-            (Run::new(10, Some(9), TextMix::Mix, limits, false), Run::new(10, Some(9), TextMix::Mix, limits, false));
+        let (a, b) = (
+            Run::new(10, None, Some(9), TextMix::Mix, limits, false),
+            Run::new(10, None, Some(9), TextMix::Mix, limits, false),
+        );
         let (mut ra, mut rb) = (a.rng(0), b.rng(0));
         for seq in 0..50 {
             let (ma, mb) = (a.message(seq, &mut ra), b.message(seq, &mut rb));
