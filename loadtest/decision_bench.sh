@@ -34,7 +34,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-[[ $# -eq 1 && $1 =~ ^[0-9]+$ ]] || { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[[ $# -eq 1 && $1 =~ ^[0-9]+$ ]] || { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2; exit 2; }
 MESSAGES=$1
 CREATORS=${DB_CREATORS:-2000}
 OPEN_CLUSTERS=${DB_OPEN_CLUSTERS:-20}
