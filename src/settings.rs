@@ -33,6 +33,7 @@ pub struct Settings {
     pub recovery: RecoverySettings,
     pub limits: Limits,
     pub ws: WsSettings,
+    pub auth: AuthSettings,
     pub log: LogSettings,
 }
 
@@ -177,6 +178,13 @@ pub struct WsSettings {
     pub client_timeout_ms: u64,
     pub subscriber_buffer: usize,
     pub max_inflight_ingest: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    /// Off: every request is allowed (local experiments only; the daemon
+    /// warns loudly at start).
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
