@@ -28,8 +28,14 @@ WITH_STACK_ENV = eval "$$($(STACK) env)" &&
 help:
 	@sed -n '3,13s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
+# A development admin token is (re)made at each start, replacing the one
+# before, printed, and kept in .stack/dev-token (git-ignored).
 run: stack-up
-	$(WITH_STACK_ENV) cargo run --release --bin clusterd -- serve
+	cargo build --release --bin clusterd
+	$(WITH_STACK_ENV) $${CARGO_TARGET_DIR:-target}/release/clusterd token create --scope admin --name "make run (development)" --replace >.stack/dev-token
+	@echo "Development admin token (also in .stack/dev-token): $$(cat .stack/dev-token)"
+	@echo "  e.g. curl -H \"Authorization: Bearer $$(cat .stack/dev-token)\" http://127.0.0.1:8080/v1/creators/demo/clusters"
+	$(WITH_STACK_ENV) exec $${CARGO_TARGET_DIR:-target}/release/clusterd serve
 
 test: stack-up
 	@# Databases left by earlier test runs (each test makes its own).

@@ -39,7 +39,7 @@ daemon0="$(process_cpu "$daemon")"
 read -r busy1 total1 < <(machine_cpu)
 daemon1="$(process_cpu "$daemon")"
 
-metrics="$(curl -fs "http://127.0.0.1:$PORT/metrics")"
+metrics="$(curl -fs -H "Authorization: Bearer $CLUSTERD_TOKEN" "http://127.0.0.1:$PORT/metrics")"
 metric() { awk -v m="clusterd_$1" '$1 == m { print $2 }' <<<"$metrics"; }
 ratio() { awk -v a="$1" -v b="$2" -v k="${3:-1}" 'BEGIN { if (b > 0) printf "%.1f", k * a / b; else print "-" }'; }
 

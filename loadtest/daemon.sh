@@ -28,8 +28,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts the daemon on the database and waits (up to 20 s) until it is ready.
+# Starts the daemon on the database and waits (up to 20 s) until it is ready;
+# exports CLUSTERD_TOKEN, an admin token for the load tools. Benchmarks
+# measure capacity: the per-token rate limit is off unless the caller sets
+# CLUSTERD__AUTH__RATE_PER_SEC.
 start_daemon() {
+    export CLUSTERD__AUTH__RATE_PER_SEC="${CLUSTERD__AUTH__RATE_PER_SEC:-0}"
+    CLUSTERD_TOKEN=$(CLUSTERD__DATABASE__URL="$DB_URL" "$BIN/clusterd" token create --scope admin --name loadtest 2>>"$LOG_DIR/$DB.log")
+    export CLUSTERD_TOKEN
     CLUSTERD__DATABASE__URL="$DB_URL" CLUSTERD__SERVER__BIND="127.0.0.1:$PORT" \
         "$BIN/clusterd" serve >>"$LOG_DIR/$DB.log" 2>&1 &
     daemon=$!

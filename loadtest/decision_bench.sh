@@ -102,7 +102,7 @@ echo "decision_bench: machine ${idle}% idle before the daemon started (after ${w
     "$(date -u +'%F %H:%M UTC'), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' (+ uncommitted changes)')"
 start_daemon
 
-scrape() { curl -fs "http://127.0.0.1:$PORT/metrics"; }
+scrape() { curl -fs -H "Authorization: Bearer $CLUSTERD_TOKEN" "http://127.0.0.1:$PORT/metrics"; }
 metric() { awk -v m="clusterd_$2" '$1 == m { print $2 }' <<<"$1"; }
 # Waits until every ingested message is clustered.
 settle() {

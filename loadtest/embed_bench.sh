@@ -21,7 +21,7 @@ DB="lt_embed_$(date +%s)_$$"
 # shellcheck source=loadtest/daemon.sh
 source loadtest/daemon.sh
 
-embedded() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk '$1 == "clusterd_messages_embedded_total" { print $2 }'; }
+embedded() { curl -fs -H "Authorization: Bearer $CLUSTERD_TOKEN" "http://127.0.0.1:$PORT/metrics" | awk '$1 == "clusterd_messages_embedded_total" { print $2 }'; }
 
 "$BIN/loadtest" --url "http://127.0.0.1:$PORT" --count "$COUNT" --texts unique --events false --drain 0 \
     >"$LOG_DIR/$DB.loadtest" 2>&1 &
@@ -36,7 +36,7 @@ while :; do
     sleep 0.25
 done
 wait "$sender" || true
-metrics="$(curl -fs "http://127.0.0.1:$PORT/metrics")"
+metrics="$(curl -fs -H "Authorization: Bearer $CLUSTERD_TOKEN" "http://127.0.0.1:$PORT/metrics")"
 metric() { awk -v m="clusterd_$1" '$1 == m { print $2 }' <<<"$metrics"; }
 awk -v a="$n_lo" -v b="$n_hi" -v ta="$t_lo" -v tb="$t_hi" -v calls="$(metric embed_batch_size_count)" \
     -v texts="$(metric embed_batch_size_sum)" -v tokens="$(metric embed_provider_tokens_total)" \

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub ws_connections: IntGauge,
     pub ws_subscriptions: IntGauge,
     pub ws_slow_closed: IntCounter,
+    pub auth_refused: IntCounterVec,
 }
 
 /// Latency buckets from 0.25 ms to 10 s.
@@ -185,6 +186,10 @@ impl Metrics {
             ws_connections: register!(IntGauge::new("ws_connections", "Open WebSocket connections")),
             ws_subscriptions: register!(IntGauge::new("ws_subscriptions", "Active creator subscriptions")),
             ws_slow_closed: register!(counter("ws_slow_closed_total", "Subscribers closed for being too slow")),
+            auth_refused: register!(IntCounterVec::new(
+                Opts::new("auth_refused_total", "Requests and frames refused by auth or rate limits, by error code"),
+                &["code"]
+            )),
             registry,
         }
     }

@@ -185,6 +185,26 @@ pub struct AuthSettings {
     /// Off: every request is allowed (local experiments only; the daemon
     /// warns loudly at start).
     pub enabled: bool,
+    /// How long a token lookup (found or not) is reused before the
+    /// database is asked again: the longest a revoked token keeps working.
+    pub cache_ttl_ms: u64,
+    /// Requests (and messages, for batches) per second per token; 0: no
+    /// limit. May be fractional.
+    pub rate_per_sec: f64,
+    /// Requests a token may make at once after being idle; 0: `rate_per_sec`.
+    pub rate_burst: u32,
+}
+
+impl AuthSettings {
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_millis(self.cache_ttl_ms)
+    }
+
+    /// The burst the rate limit allows (at least one request).
+    pub fn burst(&self) -> std::num::NonZeroU32 {
+        let burst = if self.rate_burst > 0 { self.rate_burst } else { self.rate_per_sec.ceil() as u32 };
+        std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -233,6 +253,15 @@ impl Settings {
         let openai = &self.embedder.openai;
         if openai.max_attempts == 0 || !(1..=2048).contains(&openai.max_inputs) {
             return invalid("embedder.openai.max_attempts must be at least 1 and max_inputs between 1 and 2048");
+        }
+        let auth = &self.auth;
+        if !(auth.rate_per_sec >= 0.0 && auth.rate_per_sec.is_finite()) {
+            return invalid("auth.rate_per_sec must be 0 (no limit) or a positive number");
+        }
+        if auth.rate_per_sec > 0.0 && (auth.burst().get() as usize) < self.limits.max_batch {
+            return invalid(
+                "auth.rate_burst (or rate_per_sec) must be at least limits.max_batch, or no batch could pass",
+            );
         }
         if self.ingest.pool_size == 0 || self.ingest.max_group == 0 {
             return invalid("ingest.pool_size and ingest.max_group must be at least 1");

@@ -73,12 +73,16 @@ impl Application {
         let state = web::Data::new(ApiState {
             repo: repo.clone(),
             pipeline: pipeline.clone(),
+            auth: api::auth::Authenticator::new(&settings.auth, repo.clone()),
             settings,
             metrics,
             next_session: AtomicU64::new(1),
         });
         let server = HttpServer::new(move || {
-            App::new().wrap(middleware::from_fn(api::track)).configure(|cfg| api::configure(cfg, state.clone()))
+            App::new()
+                .wrap(middleware::from_fn(api::auth::authenticate))
+                .wrap(middleware::from_fn(api::track))
+                .configure(|cfg| api::configure(cfg, state.clone()))
         })
         .workers(workers)
         .shutdown_timeout(shutdown_timeout)

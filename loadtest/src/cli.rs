@@ -61,6 +61,10 @@ pub struct Args {
     /// Seed of the text and creator choices (default: from the run id).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// API token (admin, or ingest with --events false), sent as a bearer
+    /// token over HTTP and as `?token=` on the WebSocket.
+    #[arg(long, env = "CLUSTERD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -135,6 +139,14 @@ pub struct Target {
 }
 
 impl Target {
+    /// Sends `token` on every WebSocket (`?token=`; tokens are URL-safe).
+    pub fn with_token(mut self, token: Option<&str>) -> Self {
+        if let Some(token) = token {
+            self.ws = format!("{}?token={token}", self.ws);
+        }
+        self
+    }
+
     pub fn parse(url: &str) -> anyhow::Result<Self> {
         let uri: Uri = url.parse().with_context(|| format!("--url {url:?} is not a URL"))?;
         match uri.scheme_str() {

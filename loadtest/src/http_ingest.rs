@@ -13,9 +13,14 @@ use crate::{pacer::Pacer, run::Run};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One client for every connection task: its pool holds at most
-/// `connections` keep-alive sockets.
-pub fn client(connections: usize) -> Client {
-    Client::builder().connector(Connector::new().limit(connections)).timeout(REQUEST_TIMEOUT).finish()
+/// `connections` keep-alive sockets; every request carries `token`.
+pub fn client(connections: usize, token: Option<&str>) -> Client {
+    let builder = Client::builder().connector(Connector::new().limit(connections)).timeout(REQUEST_TIMEOUT);
+    match token {
+        Some(token) => builder.bearer_auth(token),
+        None => builder,
+    }
+    .finish()
 }
 
 /// Posts messages one at a time until the plan is exhausted.

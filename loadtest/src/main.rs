@@ -62,7 +62,7 @@ async fn main() -> ExitCode {
 
 async fn execute(args: Args) -> anyhow::Result<()> {
     args.check()?;
-    let target = Target::parse(&args.url)?;
+    let target = Target::parse(&args.url)?.with_token(args.token.as_deref());
     let drain = args.drain()?;
     check_ready(&target).await?;
 
@@ -180,7 +180,7 @@ impl Senders {
                 Ok(Self::Ws(sockets))
             }
             Transport::Http => Ok(Self::Http {
-                client: http_ingest::client(connections),
+                client: http_ingest::client(connections, args.token.as_deref()),
                 url: format!("{}/v1/messages", target.http).into(),
                 connections,
                 rate,

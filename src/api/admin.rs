@@ -4,7 +4,7 @@ use actix_web::{HttpResponse, http::StatusCode, web};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{ApiError, ApiState, json};
+use super::{ApiError, ApiState, auth::Principal, json};
 use crate::actors::embedder::{EmbedItem, EmbedMessages};
 
 /// Which failed messages to retry; no field: every failed message.
@@ -25,9 +25,11 @@ pub struct RetryResult {
 /// pipeline (e.g. once an embedding provider that kept failing is back).
 #[tracing::instrument(skip_all)]
 pub async fn retry_failed(
+    principal: Principal,
     state: web::Data<ApiState>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
+    principal.require_admin()?;
     let input: RetryInput = crate::protocol::from_object(body.into_inner())
         .map_err(|e| ApiError::InvalidRequest(format!("invalid retry request: {e}")))?;
     let ids = input.message_ids.as_deref();

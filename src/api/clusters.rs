@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, http::StatusCode, web};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{ApiError, ApiState, json, parse_id};
+use super::{ApiError, ApiState, auth::Principal, json, parse_id};
 use crate::{
     actors::broadcaster::Publish,
     domain::validate,
@@ -48,14 +48,16 @@ fn missing(what: &'static str) -> impl Fn(RepoError) -> ApiError {
     }
 }
 
-#[tracing::instrument(skip(state))]
+#[tracing::instrument(skip(principal, state))]
 pub async fn list(
+    principal: Principal,
     state: web::Data<ApiState>,
     path: web::Path<String>,
     params: web::Query<ListParams>,
 ) -> Result<HttpResponse, ApiError> {
     let creator_id = path.into_inner();
     validate::creator_id(&creator_id)?;
+    principal.may_act_for(&creator_id)?;
     let params = params.into_inner();
     let filter = match params.status.as_deref() {
         None | Some("open") => ClusterFilter::Open,
@@ -79,13 +81,15 @@ pub async fn list(
     Ok(json(StatusCode::OK, &state.repo.list_clusters(&creator_id, query).await?))
 }
 
-#[tracing::instrument(skip(state))]
+#[tracing::instrument(skip(principal, state))]
 pub async fn detail(
+    principal: Principal,
     state: web::Data<ApiState>,
     path: web::Path<String>,
     params: web::Query<PageParams>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "cluster")?;
+    authorize_cluster(&state, &principal, id).await?;
     let limit = limit(params.limit, DEFAULT_MESSAGE_LIMIT, MAX_MESSAGE_LIMIT)?;
     let detail = state.repo.cluster_detail(id, limit, params.cursor.as_deref()).await.map_err(missing("cluster"))?;
     Ok(json(StatusCode::OK, &detail))
@@ -97,14 +101,40 @@ fn body<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, A
     protocol::from_object(value).map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
 }
 
+/// Refuses unless `principal` may act for the creator of cluster `id`; an
+/// unknown cluster is 404 for everyone. A cluster never changes creator, so
+/// the answer holds for the transaction that follows.
+async fn authorize_cluster(state: &ApiState, principal: &Principal, id: Uuid) -> Result<(), ApiError> {
+    if principal.is_admin() {
+        return Ok(());
+    }
+    let owner = state.repo.cluster_owner(id).await.map_err(missing("cluster"))?;
+    principal.may_act_for(&owner)
+}
+
+/// As [`authorize_cluster`], for the creator of message `id`.
+async fn authorize_message(state: &ApiState, principal: &Principal, id: Uuid) -> Result<(), ApiError> {
+    if principal.is_admin() {
+        return Ok(());
+    }
+    let owner = state.repo.message_owner(id).await.map_err(missing("message"))?;
+    principal.may_act_for(&owner)
+}
+
 // The creator operations. The HTTP handlers below and the WebSocket
 // session both call these: each validates, runs its one transaction,
 // publishes its one event once committed, and returns the answer's body.
 
 /// Answers a cluster and closes it.
-#[tracing::instrument(skip(state, response_text))]
-pub(super) async fn action(state: &ApiState, cluster_id: &str, response_text: &str) -> Result<ClusterView, ApiError> {
+#[tracing::instrument(skip(state, principal, response_text))]
+pub(super) async fn action(
+    state: &ApiState,
+    principal: &Principal,
+    cluster_id: &str,
+    response_text: &str,
+) -> Result<ClusterView, ApiError> {
     let id = parse_id(cluster_id, "cluster")?;
+    authorize_cluster(state, principal, id).await?;
     validate::message_text("response_text", response_text, &state.settings.limits)?;
     let (cluster, event) = state.repo.action_cluster(id, response_text).await.map_err(missing("cluster"))?;
     publish(state, event);
@@ -112,10 +142,16 @@ pub(super) async fn action(state: &ApiState, cluster_id: &str, response_text: &s
 }
 
 /// Splits a message out of its cluster into a new singleton cluster.
-#[tracing::instrument(skip(state))]
-pub(super) async fn remove(state: &ApiState, cluster_id: &str, message_id: &str) -> Result<RemoveResult, ApiError> {
+#[tracing::instrument(skip(state, principal))]
+pub(super) async fn remove(
+    state: &ApiState,
+    principal: &Principal,
+    cluster_id: &str,
+    message_id: &str,
+) -> Result<RemoveResult, ApiError> {
     let cluster_id = parse_id(cluster_id, "cluster")?;
     let message_id = parse_id(message_id, "message")?;
+    authorize_cluster(state, principal, cluster_id).await?;
     let (result, event) =
         state.repo.remove_message(cluster_id, message_id).await.map_err(missing("message in that cluster"))?;
     publish(state, event);
@@ -123,9 +159,15 @@ pub(super) async fn remove(state: &ApiState, cluster_id: &str, message_id: &str)
 }
 
 /// Merges `cluster_ids` into `cluster_id`.
-#[tracing::instrument(skip(state))]
-pub(super) async fn merge(state: &ApiState, cluster_id: &str, cluster_ids: &[String]) -> Result<ClusterView, ApiError> {
+#[tracing::instrument(skip(state, principal))]
+pub(super) async fn merge(
+    state: &ApiState,
+    principal: &Principal,
+    cluster_id: &str,
+    cluster_ids: &[String],
+) -> Result<ClusterView, ApiError> {
     let target = parse_id(cluster_id, "cluster")?;
+    authorize_cluster(state, principal, target).await?;
     validate::merge_sources(cluster_id, cluster_ids)?;
     let sources = cluster_ids
         .iter()
@@ -137,10 +179,16 @@ pub(super) async fn merge(state: &ApiState, cluster_id: &str, cluster_ids: &[Str
 }
 
 /// Moves a message into another open cluster.
-#[tracing::instrument(skip(state))]
-pub(super) async fn move_message(state: &ApiState, message_id: &str, cluster_id: &str) -> Result<MoveResult, ApiError> {
+#[tracing::instrument(skip(state, principal))]
+pub(super) async fn move_message(
+    state: &ApiState,
+    principal: &Principal,
+    message_id: &str,
+    cluster_id: &str,
+) -> Result<MoveResult, ApiError> {
     let message_id = parse_id(message_id, "message")?;
     let cluster_id = parse_id(cluster_id, "cluster")?;
+    authorize_message(state, principal, message_id).await?;
     let (result, event) = state.repo.move_message(message_id, cluster_id).await?;
     publish(state, event);
     Ok(result)
@@ -151,41 +199,45 @@ fn publish(state: &ApiState, event: StoredEvent) {
     state.pipeline.broadcaster.do_send(Publish { events: vec![event] });
 }
 
-#[tracing::instrument(skip(state, input))]
+#[tracing::instrument(skip(principal, state, input))]
 pub async fn post_action(
+    principal: Principal,
     state: web::Data<ApiState>,
     path: web::Path<String>,
     input: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let input: ActionInput = body(input.into_inner())?;
-    Ok(json(StatusCode::OK, &action(&state, &path, &input.response_text).await?))
+    Ok(json(StatusCode::OK, &action(&state, &principal, &path, &input.response_text).await?))
 }
 
-#[tracing::instrument(skip(state))]
+#[tracing::instrument(skip(principal, state))]
 pub async fn delete_message(
+    principal: Principal,
     state: web::Data<ApiState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (cluster_id, message_id) = path.into_inner();
-    Ok(json(StatusCode::OK, &remove(&state, &cluster_id, &message_id).await?))
+    Ok(json(StatusCode::OK, &remove(&state, &principal, &cluster_id, &message_id).await?))
 }
 
-#[tracing::instrument(skip(state, input))]
+#[tracing::instrument(skip(principal, state, input))]
 pub async fn post_merge(
+    principal: Principal,
     state: web::Data<ApiState>,
     path: web::Path<String>,
     input: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let input: MergeInput = body(input.into_inner())?;
-    Ok(json(StatusCode::OK, &merge(&state, &path, &input.cluster_ids).await?))
+    Ok(json(StatusCode::OK, &merge(&state, &principal, &path, &input.cluster_ids).await?))
 }
 
-#[tracing::instrument(skip(state, input))]
+#[tracing::instrument(skip(principal, state, input))]
 pub async fn post_move(
+    principal: Principal,
     state: web::Data<ApiState>,
     path: web::Path<String>,
     input: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let input: MoveInput = body(input.into_inner())?;
-    Ok(json(StatusCode::OK, &move_message(&state, &path, &input.cluster_id).await?))
+    Ok(json(StatusCode::OK, &move_message(&state, &principal, &path, &input.cluster_id).await?))
 }

@@ -2,7 +2,7 @@
 
 use actix_web::{HttpResponse, web};
 
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, auth::Principal};
 
 /// Alive as long as the process answers.
 pub async fn healthz() -> HttpResponse {
@@ -15,6 +15,8 @@ pub async fn readyz(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError
     Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
 }
 
-pub async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render())
+/// Prometheus text; for admin tokens (scrapers send one as a bearer token).
+pub async fn metrics(principal: Principal, state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    principal.require_admin()?;
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render()))
 }

@@ -3,7 +3,7 @@
 use actix_web::{HttpResponse, http::StatusCode, web};
 use chrono::Utc;
 
-use super::{ApiError, ApiState, json, parse_id};
+use super::{ApiError, ApiState, auth::Principal, json, parse_id};
 use crate::{
     actors::ingest::IngestMessages,
     domain::validate,
@@ -41,9 +41,11 @@ fn parse_input(value: serde_json::Value) -> Result<MessageInput, ApiError> {
 
 #[tracing::instrument(skip_all)]
 pub async fn post_message(
+    principal: Principal,
     state: web::Data<ApiState>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
+    principal.may_ingest()?;
     let input = parse_input(body.into_inner())?;
     let result = ingest_one(&state, input).await?;
     let status = if result.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
@@ -51,7 +53,12 @@ pub async fn post_message(
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn post_batch(state: web::Data<ApiState>, body: web::Json<BatchInput>) -> Result<HttpResponse, ApiError> {
+pub async fn post_batch(
+    principal: Principal,
+    state: web::Data<ApiState>,
+    body: web::Json<BatchInput>,
+) -> Result<HttpResponse, ApiError> {
+    principal.may_ingest()?;
     let items = body.into_inner().messages;
     let max = state.settings.limits.max_batch;
     if items.is_empty() {
@@ -63,6 +70,9 @@ pub async fn post_batch(state: web::Data<ApiState>, body: web::Json<BatchInput>)
             items.len()
         )));
     }
+    // The request itself was charged once already; each further message
+    // counts too.
+    state.auth.charge(&principal, items.len() - 1)?;
     // Each item is validated on its own; the valid ones go in one commit.
     let now = Utc::now();
     let mut results: Vec<Option<BatchItemResult>> = Vec::with_capacity(items.len());
@@ -92,12 +102,17 @@ pub async fn post_batch(state: web::Data<ApiState>, body: web::Json<BatchInput>)
     Ok(json(StatusCode::ACCEPTED, &BatchResult { results }))
 }
 
-#[tracing::instrument(skip(state))]
-pub async fn get_message(state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+#[tracing::instrument(skip(principal, state))]
+pub async fn get_message(
+    principal: Principal,
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "message")?;
     let message = state.repo.message(id).await.map_err(|e| match e {
         crate::repository::RepoError::NotFound => ApiError::not_found("message"),
         other => other.into(),
     })?;
+    principal.may_read_message(&message.creator_id)?;
     Ok(json(StatusCode::OK, &message))
 }

@@ -2,6 +2,7 @@
 //! pipeline or the repository, and map results to the contract's shapes.
 
 mod admin;
+pub mod auth;
 mod clusters;
 pub mod error;
 mod health;
@@ -28,6 +29,7 @@ pub struct ApiState {
     pub pipeline: Pipeline,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
+    pub auth: auth::Authenticator,
     /// Source of WebSocket session ids.
     pub next_session: AtomicU64,
 }

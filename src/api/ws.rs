@@ -20,7 +20,7 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use futures_util::{StreamExt, future::LocalBoxFuture, stream::FuturesOrdered};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ApiError, ApiState, clusters, messages};
+use super::{ApiError, ApiState, auth::Principal, clusters, messages};
 use crate::{
     actors::broadcaster::{Disconnect, SessionId, Subscribe, Unsubscribe},
     domain::validate,
@@ -32,6 +32,7 @@ use crate::{
 const REPLAY_PAGE: u64 = 500;
 
 pub async fn connect(
+    principal: Principal,
     req: HttpRequest,
     body: web::Payload,
     state: web::Data<ApiState>,
@@ -42,6 +43,7 @@ pub async fn connect(
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
     let session = WsSession {
         id,
+        principal,
         state: state.into_inner(),
         out,
         subscriptions: HashMap::new(),
@@ -63,6 +65,8 @@ enum End {
 
 struct WsSession {
     id: SessionId,
+    /// Whose token opened the connection; every frame is checked against it.
+    principal: Principal,
     state: Arc<ApiState>,
     out: actix_ws::Session,
     /// Subscribed creators and the last event id delivered for each.
@@ -99,6 +103,10 @@ impl WsSession {
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > ws.client_timeout() {
                         Err(End::Close(CloseCode::Away, "heartbeat timeout"))
+                    } else if let Err(ApiError::Unauthorized(_)) = self.state.auth.revalidate(&self.principal).await {
+                        // A database that cannot answer now is no reason to
+                        // drop the stream; a revoked token is.
+                        Err(End::Close(CloseCode::Policy, "token revoked"))
                     } else {
                         self.out.ping(b"").await.map_err(|_| End::Gone)
                     }
@@ -150,6 +158,13 @@ impl WsSession {
             }
         };
         let id = value.get("id").filter(|v| v.is_string() || v.is_number()).cloned();
+        if let Err(ApiError::Unauthorized(_)) = self.state.auth.revalidate(&self.principal).await {
+            return Err(End::Close(CloseCode::Policy, "token revoked"));
+        }
+        if let Err(error) = self.state.auth.charge(&self.principal, 1) {
+            self.state.metrics.auth_refused.with_label_values(&[error.code()]).inc();
+            return self.reply(error_frame(id, &error)).await;
+        }
         let frame = match serde_json::from_value::<ClientFrame>(value) {
             Ok(frame) => frame,
             Err(e) => {
@@ -160,6 +175,9 @@ impl WsSession {
         match frame {
             ClientFrame::Ping { id } => self.reply(ServerFrame::Pong { id }).await,
             ClientFrame::Ingest { id, message } => {
+                if let Err(error) = self.principal.may_ingest() {
+                    return self.reply(error_frame(id, &error)).await;
+                }
                 let state = self.state.clone();
                 self.replies.push_back(Box::pin(async move {
                     let frame = match messages::ingest_one(&state, message).await {
@@ -177,32 +195,30 @@ impl WsSession {
                 Ok(())
             }
             ClientFrame::Action { id, cluster_id, response_text } => {
-                let state = self.state.clone();
+                let (state, principal) = (self.state.clone(), self.principal.clone());
                 self.queue_op(id, Operation::Action, async move {
-                    clusters::action(&state, &cluster_id, &response_text).await
+                    clusters::action(&state, &principal, &cluster_id, &response_text).await
                 });
                 Ok(())
             }
             ClientFrame::Remove { id, cluster_id, message_id } => {
-                let state = self.state.clone();
+                let (state, principal) = (self.state.clone(), self.principal.clone());
                 self.queue_op(id, Operation::Remove, async move {
-                    clusters::remove(&state, &cluster_id, &message_id).await
+                    clusters::remove(&state, &principal, &cluster_id, &message_id).await
                 });
                 Ok(())
             }
             ClientFrame::Merge { id, cluster_id, cluster_ids } => {
-                let state = self.state.clone();
-                self.queue_op(
-                    id,
-                    Operation::Merge,
-                    async move { clusters::merge(&state, &cluster_id, &cluster_ids).await },
-                );
+                let (state, principal) = (self.state.clone(), self.principal.clone());
+                self.queue_op(id, Operation::Merge, async move {
+                    clusters::merge(&state, &principal, &cluster_id, &cluster_ids).await
+                });
                 Ok(())
             }
             ClientFrame::Move { id, message_id, cluster_id } => {
-                let state = self.state.clone();
+                let (state, principal) = (self.state.clone(), self.principal.clone());
                 self.queue_op(id, Operation::Move, async move {
-                    clusters::move_message(&state, &message_id, &cluster_id).await
+                    clusters::move_message(&state, &principal, &message_id, &cluster_id).await
                 });
                 Ok(())
             }
@@ -259,6 +275,7 @@ impl WsSession {
     /// event after that id will arrive live (or be filled from the log).
     async fn subscribe(&mut self, creator_id: &str, since: Option<i64>) -> Result<i64, ApiError> {
         validate::creator_id(creator_id)?;
+        self.principal.may_act_for(creator_id)?;
         if since.is_some_and(|s| s < 0) {
             return Err(ApiError::InvalidRequest("since must be a non-negative event id".into()));
         }

@@ -2,5 +2,6 @@
 //! normalisation, vector arithmetic.
 
 pub mod text;
+pub mod token;
 pub mod validate;
 pub mod vector;

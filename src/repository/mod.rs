@@ -11,6 +11,7 @@ mod clusters;
 mod events;
 pub mod messages;
 pub mod schema;
+mod tokens;
 
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement, Value, sqlx};
 
@@ -20,6 +21,7 @@ pub use clustering::{
 pub use clusters::{ClusterFilter, ClusterSort, ListQuery};
 pub use events::StoredEvent;
 pub use messages::{InsertOutcome, UNFINISHED as UNFINISHED_SQL, Unfinished};
+pub use tokens::TokenInfo;
 
 /// Handle to the database; cheap to clone (a pool inside).
 #[derive(Clone, Debug)]

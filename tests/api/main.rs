@@ -1,6 +1,7 @@
 //! Integration tests: the real server on port 0, a fresh PostgreSQL
 //! database per test, real HTTP and WebSocket clients.
 
+mod auth;
 mod clustering;
 mod embedding;
 mod errors;

@@ -22,7 +22,11 @@ const BATCH: usize = 100;
 const PATIENCE: Duration = Duration::from_secs(600);
 
 pub async fn run(data: &Dataset, order: &[usize], url: &str, concurrency: usize) -> anyhow::Result<Scores> {
-    let client = Client::builder().timeout(Duration::from_secs(60)).finish();
+    let mut client = Client::builder().timeout(Duration::from_secs(60));
+    if let Ok(token) = std::env::var("CLUSTERD_TOKEN") {
+        client = client.bearer_auth(token);
+    }
+    let client = client.finish();
     let url = url.trim_end_matches('/');
     let creator = format!("eval-{}-{}", data.name, Uuid::now_v7().simple());
     eprintln!("eval: sending {} messages to creator {creator} at {url}", order.len());

@@ -3,7 +3,7 @@
 //! ```text
 //! clusterd-eval simulate DATA.jsonl [--sweep]     # the daemon's rule in-process, on cached embeddings
 //! clusterd-eval offline DATA.jsonl                # agglomerative (average linkage) and k-means references
-//! clusterd-eval api DATA.jsonl --url URL          # through a running daemon's real API
+//! clusterd-eval api DATA.jsonl --url URL          # through a running daemon's real API (token: $CLUSTERD_TOKEN)
 //! ```
 //!
 //! DATA is JSON lines `{"text", "intent"}`, e.g. CLINC150 in
