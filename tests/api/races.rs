@@ -15,7 +15,7 @@ use futures_util::future::{join, join_all};
 use serde_json::{Value, json};
 use tokio::sync::{Barrier, watch};
 
-use crate::helpers::{Snapshot, TestApp, WsClient, fresh_database, is_decision, spawn_app, spawn_app_on};
+use crate::helpers::{PATIENCE, Snapshot, TestApp, WsClient, fresh_database, is_decision, spawn_app, spawn_app_on};
 
 /// One question, asked in many small variations that the test embedder
 /// (character n-grams) clusters together.
@@ -519,10 +519,20 @@ struct Sent {
     ops_before: usize,
 }
 
+/// Waits until at least `n` of the creator's messages are clustered.
+async fn clustered_at_least(app: &TestApp, creator: &str, n: usize) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let condition = format!("creator_id = '{}' AND status = 'clustered'", creator.replace('\'', "''"));
+    while usize::try_from(app.count("messages", &condition).await).expect("a count") < n {
+        assert!(tokio::time::Instant::now() < deadline, "{creator}: fewer than {n} messages clustered in time");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Streams of messages (two topics, over HTTP and WebSocket, spread over
 /// `apps`) race with workers running each [`Op`] (also spread over `apps`,
 /// so operations race each other too). The streams send in chunks and the
-/// workers run in rounds: round r starts once chunk r is acknowledged and
+/// workers run in rounds: round r starts once chunk r is clustered and
 /// chunk r + 2 waits for round r to end, so operations always run while the
 /// next messages arrive and are decided, without any sleep.
 ///
@@ -588,6 +598,10 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
             for round in 0..CHUNKS {
                 let mut chunks = chunks_sent.subscribe();
                 chunks.wait_for(|n| *n >= (round + 1) * STREAMS).await.expect("the sender lives");
+                // Decided, not only acknowledged: on a loaded machine the
+                // operations would otherwise find nothing to act on until
+                // the last messages had arrived, and race with nothing.
+                clustered_at_least(app, creator, (round + 1) * STREAMS * CHUNK).await;
                 for run in 0..RUNS_PER_ROUND {
                     // A client that lost a race, or found nothing to do,
                     // looks again (a little later) and tries once more.
