@@ -10,6 +10,7 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_seconds: HistogramVec,
+    pub http_in_flight: IntGauge,
     pub messages_ingested: IntCounter,
     pub messages_duplicate: IntCounter,
     pub ingest_rejected: IntCounterVec,
@@ -86,6 +87,7 @@ impl Metrics {
                 HistogramOpts::new("http_request_seconds", "HTTP request latency by route").buckets(LATENCY.to_vec()),
                 &["route"]
             )),
+            http_in_flight: register!(IntGauge::new("http_requests_in_flight", "HTTP requests being handled")),
             messages_ingested: register!(counter("messages_ingested_total", "Messages durably stored")),
             messages_duplicate: register!(counter("messages_duplicate_total", "Messages answered as duplicates")),
             ingest_rejected: register!(IntCounterVec::new(

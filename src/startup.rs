@@ -69,7 +69,7 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let shutdown_timeout = settings.server.shutdown_timeout_secs;
+        let server_settings = settings.server.clone();
         let state = web::Data::new(ApiState {
             repo: repo.clone(),
             pipeline: pipeline.clone(),
@@ -78,10 +78,16 @@ impl Application {
             next_session: AtomicU64::new(1),
         });
         let server = HttpServer::new(move || {
-            App::new().wrap(middleware::from_fn(api::track)).configure(|cfg| api::configure(cfg, state.clone()))
+            App::new()
+                .wrap(middleware::from_fn(api::time_limit))
+                .wrap(middleware::from_fn(api::track))
+                .configure(|cfg| api::configure(cfg, state.clone()))
         })
         .workers(workers)
-        .shutdown_timeout(shutdown_timeout)
+        .max_connections(server_settings.max_connections)
+        .client_request_timeout(server_settings.client_request_timeout())
+        .client_disconnect_timeout(server_settings.client_disconnect_timeout())
+        .shutdown_timeout(server_settings.shutdown_timeout_secs)
         .listen(listener)?
         .run();
         tracing::info!(port, workers, "clusterd is serving");

@@ -13,5 +13,6 @@ mod model;
 mod openai;
 mod operations;
 mod plans;
+mod pressure;
 mod races;
 mod restart;
