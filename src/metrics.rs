@@ -45,6 +45,8 @@ pub struct Metrics {
     pub ws_connections: IntGauge,
     pub ws_subscriptions: IntGauge,
     pub ws_slow_closed: IntCounter,
+    pub ws_refused: IntCounter,
+    pub ws_stalled: IntCounter,
 }
 
 /// Latency buckets from 0.25 ms to 10 s.
@@ -187,6 +189,8 @@ impl Metrics {
             ws_connections: register!(IntGauge::new("ws_connections", "Open WebSocket connections")),
             ws_subscriptions: register!(IntGauge::new("ws_subscriptions", "Active creator subscriptions")),
             ws_slow_closed: register!(counter("ws_slow_closed_total", "Subscribers closed for being too slow")),
+            ws_refused: register!(counter("ws_refused_total", "WebSocket upgrades refused at ws.max_connections")),
+            ws_stalled: register!(counter("ws_stalled_total", "WebSocket clients dropped for not reading")),
             registry,
         }
     }

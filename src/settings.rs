@@ -187,6 +187,8 @@ pub struct WsSettings {
     pub client_timeout_ms: u64,
     pub subscriber_buffer: usize,
     pub max_inflight_ingest: usize,
+    /// Concurrent WebSocket sessions; the next upgrade answers 503.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -270,8 +272,11 @@ impl Settings {
         if self.limits.max_text_chars == 0 || self.limits.max_batch == 0 {
             return invalid("limits.max_text_chars and limits.max_batch must be at least 1");
         }
-        if self.ws.subscriber_buffer == 0 || self.ws.max_inflight_ingest == 0 {
-            return invalid("ws.subscriber_buffer and ws.max_inflight_ingest must be at least 1");
+        if self.ws.subscriber_buffer == 0 || self.ws.max_inflight_ingest == 0 || self.ws.max_connections == 0 {
+            return invalid("ws.subscriber_buffer, ws.max_inflight_ingest and ws.max_connections must be at least 1");
+        }
+        if self.ws.heartbeat_interval_ms == 0 || self.ws.client_timeout_ms < self.ws.heartbeat_interval_ms {
+            return invalid("ws.heartbeat_interval_ms must be at least 1 and ws.client_timeout_ms at least as long");
         }
         let server = &self.server;
         if server.max_connections == 0 || server.client_request_timeout_ms == 0 || server.request_timeout_ms == 0 {
@@ -344,14 +349,16 @@ mod tests {
         assert_eq!(settings.limits.max_text_chars, 4000);
         assert_eq!(settings.server.max_connections, 25_000);
         assert_eq!(settings.server.request_timeout_ms, 30_000);
+        assert_eq!(settings.ws.max_connections, 20_000);
     }
 
     #[test]
     fn nonsense_limits_are_refused() {
         let defaults = Settings::load_from(Path::new("config"), None).expect("defaults load");
-        let tweaks: [fn(&mut Settings); 3] = [
-            |s| s.server.max_connections = 0,
-            |s| s.server.client_request_timeout_ms = 0,
+        let tweaks: [fn(&mut Settings); 4] = [
+            |s| s.ws.max_connections = 0,
+            |s| s.ws.heartbeat_interval_ms = 0,
+            |s| s.ws.client_timeout_ms = s.ws.heartbeat_interval_ms - 1,
             |s| s.server.request_timeout_ms = 0,
         ];
         for tweak in tweaks {

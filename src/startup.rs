@@ -1,7 +1,11 @@
 //! Builds the application from typed settings: database, schema, pipeline
 //! actors, and the HTTP server bound to its listener (port 0 in tests).
 
-use std::{net::TcpListener, sync::Arc, sync::atomic::AtomicU64};
+use std::{
+    net::TcpListener,
+    sync::Arc,
+    sync::atomic::{AtomicU64, AtomicUsize},
+};
 
 use actix::Arbiter;
 use actix_web::{App, HttpServer, dev::Server, middleware, web};
@@ -76,6 +80,7 @@ impl Application {
             settings,
             metrics,
             next_session: AtomicU64::new(1),
+            ws_sessions: AtomicUsize::new(0),
         });
         let server = HttpServer::new(move || {
             App::new()

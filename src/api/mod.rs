@@ -8,7 +8,10 @@ mod health;
 mod messages;
 mod ws;
 
-use std::sync::{Arc, atomic::AtomicU64};
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, AtomicUsize},
+};
 
 use actix_web::{
     HttpResponse,
@@ -30,6 +33,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Source of WebSocket session ids.
     pub next_session: AtomicU64,
+    /// Open WebSocket sessions, held under `ws.max_connections`.
+    pub ws_sessions: AtomicUsize,
 }
 
 /// Registers every route on an actix-web `App`.

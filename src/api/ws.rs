@@ -7,13 +7,26 @@
 //! by remembering the last event id delivered and filling any gap from the
 //! durable log, so a subscriber sees every event exactly once, in order.
 //!
+//! Pressure: the broadcaster never waits for a session; one that cannot
+//! keep up has its channel dropped and closes with 1013. A client that
+//! sends nothing (pongs included) for `ws.client_timeout_ms` is closed, and
+//! one that takes no frame for as long (it stopped reading) is dropped, so
+//! a session's memory is bounded by its channel and actix-ws's buffer.
+//! Sessions beyond `ws.max_connections` are refused with 503.
+//!
 //! Creator operations (`action`, `remove`, `merge`, `move`) call the same
 //! functions as their HTTP endpoints and run one after another in frame
 //! order (each waits for the one before it), so a client that merges and
 //! then actions a cluster gets exactly that; the session keeps reading and
 //! answering other frames meanwhile.
 
-use std::{collections::HashMap, future::Future, sync::Arc, sync::atomic::Ordering, time::Instant};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::Arc,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
@@ -36,12 +49,15 @@ pub async fn connect(
     body: web::Payload,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    let slot = Slot::take(state.clone().into_inner())?;
     let (response, out, stream) = actix_ws::handle(&req, body)?;
     let max_frame = state.settings.limits.max_frame_bytes;
     let stream = stream.max_frame_size(max_frame).aggregate_continuations().max_continuation_size(max_frame);
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
     let session = WsSession {
         id,
+        _slot: slot,
+        stall_limit: state.settings.ws.client_timeout(),
         state: state.into_inner(),
         out,
         subscriptions: HashMap::new(),
@@ -53,16 +69,43 @@ pub async fn connect(
     Ok(response)
 }
 
+/// One of the `ws.max_connections` session slots, given back on drop.
+struct Slot(Arc<ApiState>);
+
+impl Slot {
+    fn take(state: Arc<ApiState>) -> Result<Self, ApiError> {
+        let max = state.settings.ws.max_connections;
+        if state.ws_sessions.fetch_add(1, Ordering::AcqRel) >= max {
+            state.ws_sessions.fetch_sub(1, Ordering::AcqRel);
+            state.metrics.ws_refused.inc();
+            return Err(ApiError::Unavailable(format!("too many WebSocket connections (at most {max}); retry later")));
+        }
+        Ok(Self(state))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.ws_sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Why a session ends.
 enum End {
     /// The client closed, or the connection broke.
     Gone,
+    /// The client took no frame for `stall_limit`: its buffers are full,
+    /// so not even a close frame would reach it.
+    Stalled,
     /// The server closes with this code and reason.
     Close(CloseCode, &'static str),
 }
 
 struct WsSession {
     id: SessionId,
+    _slot: Slot,
+    /// How long a frame may wait for room in the client's buffers.
+    stall_limit: Duration,
     state: Arc<ApiState>,
     out: actix_ws::Session,
     /// Subscribed creators and the last event id delivered for each.
@@ -100,7 +143,7 @@ impl WsSession {
                     if last_heard.elapsed() > ws.client_timeout() {
                         Err(End::Close(CloseCode::Away, "heartbeat timeout"))
                     } else {
-                        self.out.ping(b"").await.map_err(|_| End::Gone)
+                        sent(self.stall_limit, self.out.ping(b"")).await
                     }
                 }
             };
@@ -111,14 +154,22 @@ impl WsSession {
 
         self.state.pipeline.broadcaster.do_send(Disconnect { session: self.id });
         self.state.metrics.ws_connections.dec();
-        if let End::Close(code, description) = end {
-            let reason = CloseReason { code, description: Some(description.to_owned()) };
-            let _ = self.out.close(Some(reason)).await;
+        match end {
+            End::Close(code, description) => {
+                let reason = CloseReason { code, description: Some(description.to_owned()) };
+                // Err: gone or stalled meanwhile; the socket closes anyway.
+                let _ = tokio::time::timeout(self.stall_limit, self.out.close(Some(reason))).await;
+            }
+            End::Stalled => {
+                self.state.metrics.ws_stalled.inc();
+                tracing::debug!(session = self.id, "dropped a client that stopped reading");
+            }
+            End::Gone => {}
         }
     }
 
     async fn send(&mut self, text: String) -> Result<(), End> {
-        self.out.text(text).await.map_err(|_| End::Gone)
+        sent(self.stall_limit, self.out.text(text)).await
     }
 
     async fn reply(&mut self, frame: ServerFrame) -> Result<(), End> {
@@ -133,11 +184,10 @@ impl WsSession {
                 let error = ApiError::InvalidRequest("binary frames are not supported; send JSON text frames".into());
                 self.reply(error_frame(None, &error)).await
             }
-            Some(Ok(AggregatedMessage::Ping(bytes))) => self.out.pong(&bytes).await.map_err(|_| End::Gone),
+            Some(Ok(AggregatedMessage::Ping(bytes))) => sent(self.stall_limit, self.out.pong(&bytes)).await,
             Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
             Some(Ok(AggregatedMessage::Close(_))) => Err(End::Close(CloseCode::Normal, "bye")),
-            Some(Err(ProtocolError::Overflow)) => Err(End::Close(CloseCode::Size, "frame too large")),
-            Some(Err(_)) => Err(End::Close(CloseCode::Protocol, "protocol error")),
+            Some(Err(error)) => Err(protocol_close(&error)),
         }
     }
 
@@ -332,6 +382,32 @@ impl WsSession {
         self.send(event.frame.to_string()).await?;
         self.subscriptions.insert(event.creator_id, event.event_id);
         Ok(())
+    }
+}
+
+/// Waits up to `limit` for a frame to be taken by actix-ws's bounded
+/// buffer (full when the client does not read).
+async fn sent(limit: Duration, sending: impl Future<Output = Result<(), actix_ws::Closed>>) -> Result<(), End> {
+    match tokio::time::timeout(limit, sending).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(actix_ws::Closed)) => Err(End::Gone),
+        Err(_elapsed) => Err(End::Stalled),
+    }
+}
+
+/// The close code for a frame the protocol layer refused (RFC 6455 §7.4.1).
+fn protocol_close(error: &ProtocolError) -> End {
+    match error {
+        ProtocolError::Overflow => End::Close(CloseCode::Size, "frame too large"),
+        // actix-ws reports a fragmented message over max_continuation_size
+        // only by this text (pinned by a test).
+        ProtocolError::Io(e) if e.to_string().contains("maximum continuation size") => {
+            End::Close(CloseCode::Size, "message too large")
+        }
+        ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            End::Close(CloseCode::Invalid, "text frame is not valid UTF-8")
+        }
+        _ => End::Close(CloseCode::Protocol, "protocol error"),
     }
 }
 
