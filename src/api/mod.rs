@@ -20,6 +20,7 @@ use actix_web::{
     middleware::Next,
     web,
 };
+use tokio::sync::watch;
 
 use crate::{actors::Pipeline, metrics::Metrics, repository::Repository, settings::Settings};
 
@@ -35,6 +36,9 @@ pub struct ApiState {
     pub next_session: AtomicU64,
     /// Open WebSocket sessions, held under `ws.max_connections`.
     pub ws_sessions: AtomicUsize,
+    /// Turns true when the server begins to shut down: sessions close
+    /// with 1001 and new upgrades are refused.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Registers every route on an actix-web `App`.

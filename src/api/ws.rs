@@ -12,7 +12,9 @@
 //! sends nothing (pongs included) for `ws.client_timeout_ms` is closed, and
 //! one that takes no frame for as long (it stopped reading) is dropped, so
 //! a session's memory is bounded by its channel and actix-ws's buffer.
-//! Sessions beyond `ws.max_connections` are refused with 503.
+//! Sessions beyond `ws.max_connections` are refused with 503. On shutdown
+//! a session stops reading, sends the replies still in flight, and closes
+//! with 1001.
 //!
 //! Creator operations (`action`, `remove`, `merge`, `move`) call the same
 //! functions as their HTTP endpoints and run one after another in frame
@@ -31,7 +33,7 @@ use std::{
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use futures_util::{StreamExt, future::LocalBoxFuture, stream::FuturesOrdered};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{ApiError, ApiState, clusters, messages};
 use crate::{
@@ -49,6 +51,9 @@ pub async fn connect(
     body: web::Payload,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    if *state.shutdown.borrow() {
+        return Err(ApiError::Unavailable("the server is shutting down; reconnect later".into()).into());
+    }
     let slot = Slot::take(state.clone().into_inner())?;
     let (response, out, stream) = actix_ws::handle(&req, body)?;
     let max_frame = state.settings.limits.max_frame_bytes;
@@ -126,10 +131,15 @@ impl WsSession {
         let mut heartbeat = tokio::time::interval(ws.heartbeat_interval());
         heartbeat.tick().await; // the first tick is immediate
         let mut last_heard = Instant::now();
+        let mut shutdown = self.state.shutdown.clone();
 
         let end = loop {
             let reading = self.replies.len() < ws.max_inflight_ingest;
             let step = tokio::select! {
+                () = stopping(&mut shutdown) => match self.finish_replies().await {
+                    Ok(()) => Err(End::Close(CloseCode::Away, "server shutting down")),
+                    Err(end) => Err(end),
+                },
                 frame = stream.next(), if reading => {
                     last_heard = Instant::now();
                     self.on_frame(frame).await
@@ -170,6 +180,14 @@ impl WsSession {
 
     async fn send(&mut self, text: String) -> Result<(), End> {
         sent(self.stall_limit, self.out.text(text)).await
+    }
+
+    /// Sends the replies of every frame already read, in order.
+    async fn finish_replies(&mut self) -> Result<(), End> {
+        while let Some(reply) = self.replies.next().await {
+            self.send(reply).await?;
+        }
+        Ok(())
     }
 
     async fn reply(&mut self, frame: ServerFrame) -> Result<(), End> {
@@ -393,6 +411,12 @@ async fn sent(limit: Duration, sending: impl Future<Output = Result<(), actix_ws
         Ok(Err(actix_ws::Closed)) => Err(End::Gone),
         Err(_elapsed) => Err(End::Stalled),
     }
+}
+
+/// Resolves once the server is shutting down (or gone).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    // Err: the application dropped its sender, which is a shutdown too.
+    let _ = shutdown.wait_for(|&stop| stop).await;
 }
 
 /// The close code for a frame the protocol layer refused (RFC 6455 §7.4.1).

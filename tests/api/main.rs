@@ -16,3 +16,4 @@ mod plans;
 mod pressure;
 mod races;
 mod restart;
+mod shutdown;
