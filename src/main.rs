@@ -64,6 +64,15 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => {
             let app = Application::build(settings).await?;
+            let shutdown = app.shutdown_handle();
+            actix_web::rt::spawn(async move {
+                match clusterd::startup::stop_signal().await {
+                    Ok(()) => shutdown.trigger(),
+                    // Without signal handling the process still stops by SIGKILL,
+                    // and acknowledged messages survive that.
+                    Err(e) => tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT"),
+                }
+            });
             app.run_until_stopped().await?;
         }
         Command::Migrate => {

@@ -10,6 +10,7 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_seconds: HistogramVec,
+    pub http_in_flight: IntGauge,
     pub messages_ingested: IntCounter,
     pub messages_duplicate: IntCounter,
     pub ingest_rejected: IntCounterVec,
@@ -45,6 +46,8 @@ pub struct Metrics {
     pub ws_subscriptions: IntGauge,
     pub ws_slow_closed: IntCounter,
     pub auth_refused: IntCounterVec,
+    pub ws_refused: IntCounter,
+    pub ws_stalled: IntCounter,
 }
 
 /// Latency buckets from 0.25 ms to 10 s.
@@ -87,6 +90,7 @@ impl Metrics {
                 HistogramOpts::new("http_request_seconds", "HTTP request latency by route").buckets(LATENCY.to_vec()),
                 &["route"]
             )),
+            http_in_flight: register!(IntGauge::new("http_requests_in_flight", "HTTP requests being handled")),
             messages_ingested: register!(counter("messages_ingested_total", "Messages durably stored")),
             messages_duplicate: register!(counter("messages_duplicate_total", "Messages answered as duplicates")),
             ingest_rejected: register!(IntCounterVec::new(
@@ -190,6 +194,8 @@ impl Metrics {
                 Opts::new("auth_refused_total", "Requests and frames refused by auth or rate limits, by error code"),
                 &["code"]
             )),
+            ws_refused: register!(counter("ws_refused_total", "WebSocket upgrades refused at ws.max_connections")),
+            ws_stalled: register!(counter("ws_stalled_total", "WebSocket clients dropped for not reading")),
             registry,
         }
     }

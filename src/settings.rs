@@ -43,6 +43,15 @@ pub struct ServerSettings {
     /// 0: one worker per CPU core.
     pub workers: usize,
     pub shutdown_timeout_secs: u64,
+    /// Concurrent connections per worker; beyond it the worker stops
+    /// accepting until one closes.
+    pub max_connections: usize,
+    /// Time a new connection has to send its request head (408 beyond).
+    pub client_request_timeout_ms: u64,
+    /// Time allowed for the last bytes to flush when a connection closes.
+    pub client_disconnect_timeout_ms: u64,
+    /// Time limit of one request, body included (503 beyond).
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,6 +187,8 @@ pub struct WsSettings {
     pub client_timeout_ms: u64,
     pub subscriber_buffer: usize,
     pub max_inflight_ingest: usize,
+    /// Concurrent WebSocket sessions; the next upgrade answers 503.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,8 +301,17 @@ impl Settings {
         if self.limits.max_text_chars == 0 || self.limits.max_batch == 0 {
             return invalid("limits.max_text_chars and limits.max_batch must be at least 1");
         }
-        if self.ws.subscriber_buffer == 0 || self.ws.max_inflight_ingest == 0 {
-            return invalid("ws.subscriber_buffer and ws.max_inflight_ingest must be at least 1");
+        if self.ws.subscriber_buffer == 0 || self.ws.max_inflight_ingest == 0 || self.ws.max_connections == 0 {
+            return invalid("ws.subscriber_buffer, ws.max_inflight_ingest and ws.max_connections must be at least 1");
+        }
+        if self.ws.heartbeat_interval_ms == 0 || self.ws.client_timeout_ms < self.ws.heartbeat_interval_ms {
+            return invalid("ws.heartbeat_interval_ms must be at least 1 and ws.client_timeout_ms at least as long");
+        }
+        let server = &self.server;
+        if server.max_connections == 0 || server.client_request_timeout_ms == 0 || server.request_timeout_ms == 0 {
+            return invalid(
+                "server.max_connections, server.client_request_timeout_ms and server.request_timeout_ms must be at least 1",
+            );
         }
         Ok(())
     }
@@ -315,6 +335,18 @@ impl RecoverySettings {
     }
     pub fn stale_after(&self) -> Duration {
         Duration::from_millis(self.stale_after_ms)
+    }
+}
+
+impl ServerSettings {
+    pub fn client_request_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_request_timeout_ms)
+    }
+    pub fn client_disconnect_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_disconnect_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
     }
 }
 
@@ -344,6 +376,25 @@ mod tests {
         assert_eq!(settings.embedder.cache.redis_ttl_secs, 30 * 24 * 3600);
         assert_eq!(settings.embedder.openai.max_inputs, 2048);
         assert_eq!(settings.limits.max_text_chars, 4000);
+        assert_eq!(settings.server.max_connections, 25_000);
+        assert_eq!(settings.server.request_timeout_ms, 30_000);
+        assert_eq!(settings.ws.max_connections, 20_000);
+    }
+
+    #[test]
+    fn nonsense_limits_are_refused() {
+        let defaults = Settings::load_from(Path::new("config"), None).expect("defaults load");
+        let tweaks: [fn(&mut Settings); 4] = [
+            |s| s.ws.max_connections = 0,
+            |s| s.ws.heartbeat_interval_ms = 0,
+            |s| s.ws.client_timeout_ms = s.ws.heartbeat_interval_ms - 1,
+            |s| s.server.request_timeout_ms = 0,
+        ];
+        for tweak in tweaks {
+            let mut settings = defaults.clone();
+            tweak(&mut settings);
+            assert!(matches!(settings.validate(), Err(SettingsError::Invalid(_))));
+        }
     }
 
     #[test]

@@ -1,11 +1,23 @@
 //! Builds the application from typed settings: database, schema, pipeline
 //! actors, and the HTTP server bound to its listener (port 0 in tests).
+//!
+//! Shutdown is ours, not actix's (its signal handling is off): a
+//! [`ShutdownHandle`], triggered by `main` on SIGTERM or SIGINT, stops the
+//! listener, tells every WebSocket session to close with 1001, lets
+//! in-flight requests finish (up to `server.shutdown_timeout_secs`), and
+//! only then stops the pipeline. What was acknowledged is already stored;
+//! work the pipeline had not finished resumes at the next start.
 
-use std::{net::TcpListener, sync::Arc, sync::atomic::AtomicU64};
+use std::{
+    net::TcpListener,
+    sync::Arc,
+    sync::atomic::{AtomicU64, AtomicUsize},
+};
 
 use actix::Arbiter;
 use actix_web::{App, HttpServer, dev::Server, middleware, web};
 use anyhow::Context;
+use tokio::sync::watch;
 
 use crate::{
     actors::{Pipeline, embedder::Resolver},
@@ -24,9 +36,35 @@ pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Starts the graceful shutdown of an [`Application`]; cheap to clone.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn stop_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = terminate.recv() => Ok(()),
+            interrupted = tokio::signal::ctrl_c() => interrupted,
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await
+}
+
 pub struct Application {
     port: u16,
     server: Server,
+    shutdown: ShutdownHandle,
     pipeline: Pipeline,
     repo: Repository,
     /// Runs the pipeline's actors; stopped with the application.
@@ -69,7 +107,8 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let shutdown_timeout = settings.server.shutdown_timeout_secs;
+        let server_settings = settings.server.clone();
+        let (shutdown, stopping) = watch::channel(false);
         let state = web::Data::new(ApiState {
             repo: repo.clone(),
             pipeline: pipeline.clone(),
@@ -77,19 +116,26 @@ impl Application {
             settings,
             metrics,
             next_session: AtomicU64::new(1),
+            ws_sessions: AtomicUsize::new(0),
+            shutdown: stopping,
         });
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(middleware::from_fn(api::auth::authenticate))
+                .wrap(middleware::from_fn(api::time_limit))
                 .wrap(middleware::from_fn(api::track))
                 .configure(|cfg| api::configure(cfg, state.clone()))
         })
         .workers(workers)
-        .shutdown_timeout(shutdown_timeout)
+        .max_connections(server_settings.max_connections)
+        .client_request_timeout(server_settings.client_request_timeout())
+        .client_disconnect_timeout(server_settings.client_disconnect_timeout())
+        .shutdown_timeout(server_settings.shutdown_timeout_secs)
+        .disable_signals()
         .listen(listener)?
         .run();
         tracing::info!(port, workers, "clusterd is serving");
-        Ok(Self { port, server, pipeline, repo, arbiter })
+        Ok(Self { port, server, shutdown: ShutdownHandle(Arc::new(shutdown)), pipeline, repo, arbiter })
     }
 
     pub fn port(&self) -> u16 {
@@ -104,17 +150,35 @@ impl Application {
         &self.pipeline
     }
 
-    /// A handle to stop the server (gracefully or not) from elsewhere.
-    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
-        self.server.handle()
+    /// A handle to shut the application down gracefully from elsewhere.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
     }
 
-    /// Serves until the server stops (SIGINT/SIGTERM, or its handle), then
-    /// stops the pipeline. Acknowledged work left unfinished is in the
-    /// database and resumes at the next start.
+    /// Serves until the shutdown handle is triggered, then stops
+    /// gracefully (see the module's documentation) and stops the pipeline.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let result = self.server.await;
-        self.arbiter.stop();
+        let Self { server, shutdown, arbiter, .. } = self;
+        let handle = server.handle();
+        let mut stopping = shutdown.0.subscribe();
+        let mut server = std::pin::pin!(server);
+        let result = tokio::select! {
+            result = &mut server => result,
+            // Err cannot happen: `shutdown` holds the sender.
+            _ = stopping.wait_for(|&stop| stop) => {
+                tracing::info!("shutting down: refusing new connections, closing WebSockets, finishing requests");
+                // The server stops accepting at once, then resolves when
+                // every connection closed (WebSocket sessions close on the
+                // same signal) or the shutdown timeout dropped the rest. It
+                // handles the command only while polled, hence this order.
+                let stopped = handle.stop(true);
+                let result = server.await;
+                stopped.await;
+                result
+            }
+        };
+        arbiter.stop();
+        tracing::info!("stopped");
         result
     }
 }

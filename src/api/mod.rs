@@ -9,7 +9,10 @@ mod health;
 mod messages;
 mod ws;
 
-use std::sync::{Arc, atomic::AtomicU64};
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, AtomicUsize},
+};
 
 use actix_web::{
     HttpResponse,
@@ -18,6 +21,7 @@ use actix_web::{
     middleware::Next,
     web,
 };
+use tokio::sync::watch;
 
 use crate::{actors::Pipeline, metrics::Metrics, repository::Repository, settings::Settings};
 
@@ -32,6 +36,11 @@ pub struct ApiState {
     pub auth: auth::Authenticator,
     /// Source of WebSocket session ids.
     pub next_session: AtomicU64,
+    /// Open WebSocket sessions, held under `ws.max_connections`.
+    pub ws_sessions: AtomicUsize,
+    /// Turns true when the server begins to shut down: sessions close
+    /// with 1001 and new upgrades are refused.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Registers every route on an actix-web `App`.
@@ -70,12 +79,60 @@ pub async fn track(
     let metrics = req.app_data::<web::Data<ApiState>>().map(|s| s.metrics.clone());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let started = std::time::Instant::now();
-    let response = next.call(req).await?;
+    let _in_flight = metrics.as_ref().map(|m| InFlight::new(&m.http_in_flight));
+    let response = next.call(req).await;
     if let Some(metrics) = metrics {
+        let status = match &response {
+            Ok(response) => response.status(),
+            Err(error) => error.as_response_error().status_code(),
+        };
         metrics.http_seconds.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
-        metrics.http_requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
+        metrics.http_requests.with_label_values(&[route.as_str(), status.as_str()]).inc();
     }
-    Ok(response)
+    response
+}
+
+/// Counts a request in flight until dropped (also when the request is).
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Answers 503 `unavailable` (with Retry-After) when a request, reading its
+/// body included, takes longer than `server.request_timeout_ms`. Dropping
+/// the handler does not undo what it already committed: an ingest may be
+/// stored, and its retry with the same external_id answers duplicate.
+pub async fn time_limit(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let Some(limit) = req.app_data::<web::Data<ApiState>>().map(|s| s.settings.server.request_timeout()) else {
+        return next.call(req).await;
+    };
+    // Not the request itself: routing needs it unshared.
+    let path = req.path().to_owned();
+    match tokio::time::timeout(limit, next.call(req)).await {
+        Ok(response) => response,
+        Err(_elapsed) => {
+            tracing::warn!(path, limit_ms = limit.as_millis(), "request timed out");
+            Err(ApiError::Unavailable(format!(
+                "the request took longer than {} ms; retry (an ingest retried with the same external_id answers \
+                 duplicate if it was stored)",
+                limit.as_millis()
+            ))
+            .into())
+        }
+    }
 }
 
 /// Parses an id from a path segment; anything that is not an id names

@@ -7,18 +7,33 @@
 //! by remembering the last event id delivered and filling any gap from the
 //! durable log, so a subscriber sees every event exactly once, in order.
 //!
+//! Pressure: the broadcaster never waits for a session; one that cannot
+//! keep up has its channel dropped and closes with 1013. A client that
+//! sends nothing (pongs included) for `ws.client_timeout_ms` is closed, and
+//! one that takes no frame for as long (it stopped reading) is dropped, so
+//! a session's memory is bounded by its channel and actix-ws's buffer.
+//! Sessions beyond `ws.max_connections` are refused with 503. On shutdown
+//! a session stops reading, sends the replies still in flight, and closes
+//! with 1001.
+//!
 //! Creator operations (`action`, `remove`, `merge`, `move`) call the same
 //! functions as their HTTP endpoints and run one after another in frame
 //! order (each waits for the one before it), so a client that merges and
 //! then actions a cluster gets exactly that; the session keeps reading and
 //! answering other frames meanwhile.
 
-use std::{collections::HashMap, future::Future, sync::Arc, sync::atomic::Ordering, time::Instant};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::Arc,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use futures_util::{StreamExt, future::LocalBoxFuture, stream::FuturesOrdered};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{ApiError, ApiState, auth::Principal, clusters, messages};
 use crate::{
@@ -37,6 +52,10 @@ pub async fn connect(
     body: web::Payload,
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    if *state.shutdown.borrow() {
+        return Err(ApiError::Unavailable("the server is shutting down; reconnect later".into()).into());
+    }
+    let slot = Slot::take(state.clone().into_inner())?;
     let (response, out, stream) = actix_ws::handle(&req, body)?;
     let max_frame = state.settings.limits.max_frame_bytes;
     let stream = stream.max_frame_size(max_frame).aggregate_continuations().max_continuation_size(max_frame);
@@ -44,6 +63,8 @@ pub async fn connect(
     let session = WsSession {
         id,
         principal,
+        _slot: slot,
+        stall_limit: state.settings.ws.client_timeout(),
         state: state.into_inner(),
         out,
         subscriptions: HashMap::new(),
@@ -55,10 +76,34 @@ pub async fn connect(
     Ok(response)
 }
 
+/// One of the `ws.max_connections` session slots, given back on drop.
+struct Slot(Arc<ApiState>);
+
+impl Slot {
+    fn take(state: Arc<ApiState>) -> Result<Self, ApiError> {
+        let max = state.settings.ws.max_connections;
+        if state.ws_sessions.fetch_add(1, Ordering::AcqRel) >= max {
+            state.ws_sessions.fetch_sub(1, Ordering::AcqRel);
+            state.metrics.ws_refused.inc();
+            return Err(ApiError::Unavailable(format!("too many WebSocket connections (at most {max}); retry later")));
+        }
+        Ok(Self(state))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.ws_sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Why a session ends.
 enum End {
     /// The client closed, or the connection broke.
     Gone,
+    /// The client took no frame for `stall_limit`: its buffers are full,
+    /// so not even a close frame would reach it.
+    Stalled,
     /// The server closes with this code and reason.
     Close(CloseCode, &'static str),
 }
@@ -67,6 +112,9 @@ struct WsSession {
     id: SessionId,
     /// Whose token opened the connection; every frame is checked against it.
     principal: Principal,
+    _slot: Slot,
+    /// How long a frame may wait for room in the client's buffers.
+    stall_limit: Duration,
     state: Arc<ApiState>,
     out: actix_ws::Session,
     /// Subscribed creators and the last event id delivered for each.
@@ -87,10 +135,15 @@ impl WsSession {
         let mut heartbeat = tokio::time::interval(ws.heartbeat_interval());
         heartbeat.tick().await; // the first tick is immediate
         let mut last_heard = Instant::now();
+        let mut shutdown = self.state.shutdown.clone();
 
         let end = loop {
             let reading = self.replies.len() < ws.max_inflight_ingest;
             let step = tokio::select! {
+                () = stopping(&mut shutdown) => match self.finish_replies().await {
+                    Ok(()) => Err(End::Close(CloseCode::Away, "server shutting down")),
+                    Err(end) => Err(end),
+                },
                 frame = stream.next(), if reading => {
                     last_heard = Instant::now();
                     self.on_frame(frame).await
@@ -108,7 +161,7 @@ impl WsSession {
                         // drop the stream; a revoked token is.
                         Err(End::Close(CloseCode::Policy, "token revoked"))
                     } else {
-                        self.out.ping(b"").await.map_err(|_| End::Gone)
+                        sent(self.stall_limit, self.out.ping(b"")).await
                     }
                 }
             };
@@ -119,14 +172,30 @@ impl WsSession {
 
         self.state.pipeline.broadcaster.do_send(Disconnect { session: self.id });
         self.state.metrics.ws_connections.dec();
-        if let End::Close(code, description) = end {
-            let reason = CloseReason { code, description: Some(description.to_owned()) };
-            let _ = self.out.close(Some(reason)).await;
+        match end {
+            End::Close(code, description) => {
+                let reason = CloseReason { code, description: Some(description.to_owned()) };
+                // Err: gone or stalled meanwhile; the socket closes anyway.
+                let _ = tokio::time::timeout(self.stall_limit, self.out.close(Some(reason))).await;
+            }
+            End::Stalled => {
+                self.state.metrics.ws_stalled.inc();
+                tracing::debug!(session = self.id, "dropped a client that stopped reading");
+            }
+            End::Gone => {}
         }
     }
 
     async fn send(&mut self, text: String) -> Result<(), End> {
-        self.out.text(text).await.map_err(|_| End::Gone)
+        sent(self.stall_limit, self.out.text(text)).await
+    }
+
+    /// Sends the replies of every frame already read, in order.
+    async fn finish_replies(&mut self) -> Result<(), End> {
+        while let Some(reply) = self.replies.next().await {
+            self.send(reply).await?;
+        }
+        Ok(())
     }
 
     async fn reply(&mut self, frame: ServerFrame) -> Result<(), End> {
@@ -141,11 +210,10 @@ impl WsSession {
                 let error = ApiError::InvalidRequest("binary frames are not supported; send JSON text frames".into());
                 self.reply(error_frame(None, &error)).await
             }
-            Some(Ok(AggregatedMessage::Ping(bytes))) => self.out.pong(&bytes).await.map_err(|_| End::Gone),
+            Some(Ok(AggregatedMessage::Ping(bytes))) => sent(self.stall_limit, self.out.pong(&bytes)).await,
             Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
             Some(Ok(AggregatedMessage::Close(_))) => Err(End::Close(CloseCode::Normal, "bye")),
-            Some(Err(ProtocolError::Overflow)) => Err(End::Close(CloseCode::Size, "frame too large")),
-            Some(Err(_)) => Err(End::Close(CloseCode::Protocol, "protocol error")),
+            Some(Err(error)) => Err(protocol_close(&error)),
         }
     }
 
@@ -349,6 +417,38 @@ impl WsSession {
         self.send(event.frame.to_string()).await?;
         self.subscriptions.insert(event.creator_id, event.event_id);
         Ok(())
+    }
+}
+
+/// Waits up to `limit` for a frame to be taken by actix-ws's bounded
+/// buffer (full when the client does not read).
+async fn sent(limit: Duration, sending: impl Future<Output = Result<(), actix_ws::Closed>>) -> Result<(), End> {
+    match tokio::time::timeout(limit, sending).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(actix_ws::Closed)) => Err(End::Gone),
+        Err(_elapsed) => Err(End::Stalled),
+    }
+}
+
+/// Resolves once the server is shutting down (or gone).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    // Err: the application dropped its sender, which is a shutdown too.
+    let _ = shutdown.wait_for(|&stop| stop).await;
+}
+
+/// The close code for a frame the protocol layer refused (RFC 6455 §7.4.1).
+fn protocol_close(error: &ProtocolError) -> End {
+    match error {
+        ProtocolError::Overflow => End::Close(CloseCode::Size, "frame too large"),
+        // actix-ws reports a fragmented message over max_continuation_size
+        // only by this text (pinned by a test).
+        ProtocolError::Io(e) if e.to_string().contains("maximum continuation size") => {
+            End::Close(CloseCode::Size, "message too large")
+        }
+        ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            End::Close(CloseCode::Invalid, "text frame is not valid UTF-8")
+        }
+        _ => End::Close(CloseCode::Protocol, "protocol error"),
     }
 }
 

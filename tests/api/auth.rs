@@ -567,3 +567,44 @@ async fn a_token_past_its_rate_limit_gets_429_and_others_are_unaffected() {
     }
     assert_eq!(refused, 2, "5 - 1 request - 1 handshake = 3 frames pass");
 }
+
+/// Starts the real binary with auth `enabled` until it is ready, stops it,
+/// and returns what it logged.
+async fn daemon_log(enabled: bool) -> String {
+    let db_url = crate::helpers::fresh_database().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_clusterd"))
+        .arg("serve")
+        .env("CLUSTERD_ENV", "test")
+        .env("CLUSTERD_CONFIG_DIR", "config")
+        .env("CLUSTERD__DATABASE__URL", &db_url)
+        .env("CLUSTERD__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("CLUSTERD__AUTH__ENABLED", enabled.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the daemon starts");
+    let client = awc::Client::default();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !client
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == StatusCode::OK)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the daemon did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.kill().expect("stop the daemon");
+    let output = daemon.wait_with_output().expect("the daemon exits");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[actix_web::test]
+async fn the_daemon_warns_loudly_when_auth_is_off_and_only_then() {
+    let off = daemon_log(false).await;
+    assert!(off.contains("WARN") && off.contains("AUTHENTICATION IS OFF"), "{off}");
+    let on = daemon_log(true).await;
+    assert!(!on.contains("AUTHENTICATION IS OFF"), "{on}");
+}

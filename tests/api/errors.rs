@@ -2,6 +2,7 @@
 
 use actix_web::http::StatusCode;
 use awc::ws;
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app};
@@ -132,4 +133,41 @@ async fn bad_websocket_frames_get_error_frames_and_the_connection_stays_open() {
     assert_eq!(app.count("messages", "true").await, 0);
 }
 
-use futures_util::SinkExt;
+#[actix_web::test]
+async fn fragmented_frames_are_reassembled_and_bounded_and_invalid_utf8_closes_with_1007() {
+    use actix_ws::Item;
+    let app = spawn_app().await;
+
+    // A message in fragments is one frame.
+    let mut ws = app.connect_ws().await;
+    let ping = json!({"type": "ping", "id": "fragments"}).to_string().into_bytes();
+    let (a, b) = ping.split_at(10);
+    let (b, c) = b.split_at(10);
+    for item in [Item::FirstText(a.to_vec().into()), Item::Continue(b.to_vec().into()), Item::Last(c.to_vec().into())] {
+        ws.framed.send(ws::Message::Continuation(item)).await.expect("sent");
+    }
+    assert_eq!(ws.next_json().await, json!({"type": "pong", "id": "fragments"}));
+
+    // Fragments each under the frame limit, together over it: 1009.
+    let chunk = vec![b' '; 40_000];
+    ws.framed.send(ws::Message::Continuation(Item::FirstText(chunk.clone().into()))).await.expect("sent");
+    ws.framed.send(ws::Message::Continuation(Item::Last(chunk.into()))).await.expect("sent");
+    assert_eq!(close_code(ws.next_frame().await), 1009);
+
+    // A text message that is not UTF-8 breaks the protocol: 1007.
+    let mut ws = app.connect_ws().await;
+    ws.framed
+        .send(ws::Message::Continuation(Item::FirstText(b"{\"type\": \"\xff".to_vec().into())))
+        .await
+        .expect("sent");
+    ws.framed.send(ws::Message::Continuation(Item::Last(b"\"}".to_vec().into()))).await.expect("sent");
+    assert_eq!(close_code(ws.next_frame().await), 1007);
+    assert_eq!(app.count("messages", "true").await, 0);
+}
+
+fn close_code(frame: ws::Frame) -> u16 {
+    match frame {
+        ws::Frame::Close(Some(reason)) => u16::from(reason.code),
+        other => panic!("expected a close frame with a code, got {other:?}"),
+    }
+}

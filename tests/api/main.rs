@@ -14,5 +14,7 @@ mod model;
 mod openai;
 mod operations;
 mod plans;
+mod pressure;
 mod races;
 mod restart;
+mod shutdown;

@@ -11,11 +11,11 @@ use serde_json::json;
 
 use crate::helpers::{PATIENCE, fresh_database};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
-fn start_daemon(db_url: &str, port: u16, extra_env: &[(&str, &str)]) -> Child {
+pub(crate) fn start_daemon(db_url: &str, port: u16, extra_env: &[(&str, &str)]) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_clusterd"));
     command
         .arg("serve")
@@ -31,7 +31,7 @@ fn start_daemon(db_url: &str, port: u16, extra_env: &[(&str, &str)]) -> Child {
     command.spawn().expect("the daemon starts")
 }
 
-async fn wait_ready(client: &awc::Client, port: u16) {
+pub(crate) async fn wait_ready(client: &awc::Client, port: u16) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/readyz")).send().await

@@ -154,19 +154,24 @@ impl Handler<Publish> for Broadcaster {
     type Result = ();
 
     fn handle(&mut self, msg: Publish, _ctx: &mut Self::Context) {
-        let mut too_slow = Vec::new();
+        let mut too_slow = HashSet::new();
         for event in msg.events {
             self.metrics.events_published.inc();
             let Some(sessions) = self.subscribers.get(&event.creator_id) else { continue };
             for session in sessions {
+                if too_slow.contains(session) {
+                    continue; // its later events would skip the ones it missed
+                }
                 let Some(entry) = self.sessions.get(session) else { continue };
                 match entry.sink.try_send(event.clone()) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         self.metrics.ws_slow_closed.inc();
-                        too_slow.push(*session);
+                        too_slow.insert(*session);
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => too_slow.push(*session),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        too_slow.insert(*session);
+                    }
                 }
             }
         }
