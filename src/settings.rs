@@ -130,6 +130,9 @@ pub struct IngestSettings {
     pub pool_size: usize,
     pub max_group: usize,
     pub queue_capacity: usize,
+    /// Longest wait for a group commit before its clients get 503: a
+    /// database that hangs must not hold writes forever.
+    pub commit_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -234,8 +237,8 @@ impl Settings {
         if openai.max_attempts == 0 || !(1..=2048).contains(&openai.max_inputs) {
             return invalid("embedder.openai.max_attempts must be at least 1 and max_inputs between 1 and 2048");
         }
-        if self.ingest.pool_size == 0 || self.ingest.max_group == 0 {
-            return invalid("ingest.pool_size and ingest.max_group must be at least 1");
+        if self.ingest.pool_size == 0 || self.ingest.max_group == 0 || self.ingest.commit_timeout_ms == 0 {
+            return invalid("ingest.pool_size, ingest.max_group and ingest.commit_timeout_ms must be at least 1");
         }
         if self.clustering.shards == 0 || self.clustering.max_group == 0 {
             return invalid("clustering.shards and clustering.max_group must be at least 1");
@@ -265,6 +268,12 @@ impl Settings {
             return invalid("ws.subscriber_buffer and ws.max_inflight_ingest must be at least 1");
         }
         Ok(())
+    }
+}
+
+impl IngestSettings {
+    pub fn commit_timeout(&self) -> Duration {
+        Duration::from_millis(self.commit_timeout_ms)
     }
 }
 
