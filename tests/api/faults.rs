@@ -82,10 +82,36 @@ impl ScratchPg {
     fn url(&self) -> String {
         format!("postgres://clusterd@127.0.0.1:{}/postgres", self.port)
     }
+
+    /// Sends `signal` to the server and all its processes: SIGSTOP makes a
+    /// database that hangs (connections open, nothing answers), SIGCONT
+    /// brings it back.
+    fn signal(&self, signal: &str) {
+        self.try_signal(signal).unwrap_or_else(|e| panic!("kill -{signal} the scratch server: {e}"));
+    }
+
+    fn try_signal(&self, signal: &str) -> Result<(), String> {
+        let pidfile = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).map_err(|e| e.to_string())?;
+        let postmaster = pidfile.lines().next().ok_or("an empty postmaster.pid")?.trim().to_owned();
+        let mut pids = vec![postmaster.clone()];
+        for entry in std::fs::read_dir("/proc").map_err(|e| e.to_string())?.flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if ppid == Some(postmaster.as_str()) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let status = Command::new("kill").arg(format!("-{signal}")).args(&pids).status().map_err(|e| e.to_string())?;
+        if status.success() { Ok(()) } else { Err(format!("kill -{signal} {pids:?}: {status}")) }
+    }
 }
 
 impl Drop for ScratchPg {
     fn drop(&mut self) {
+        // A test that failed while the server was stopped must not leave
+        // it frozen: a stopped server cannot shut down.
+        let _ = self.try_signal("CONT");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack.sh");
         let _ = Command::new(script).args(["scratch-pg", "remove", self.dir()]).output();
     }
@@ -443,4 +469,42 @@ async fn a_redis_outage_costs_the_cache_only_and_the_cache_returns_with_redis() 
 
     app.wait_settled(creator, all.len() as i64).await;
     app.assert_cluster_invariants(creator).await;
+}
+
+#[actix_web::test]
+async fn a_database_that_hangs_answers_503_and_the_daemon_recovers_when_it_answers_again() {
+    let pg = ScratchPg::start();
+    let app = spawn_app_on(&pg.url(), |s| s.redis.url = None).await;
+    let tag = Uuid::now_v7().simple().to_string();
+    let creators: Vec<String> = (0..3).map(|k| format!("creator-hang-{k}")).collect();
+    let stream = Stream::start(&app, 4, &creators, &tag);
+
+    stream.wait_for(0, 50, StatusCode::ACCEPTED).await;
+    pg.signal("STOP");
+    let hung_from = stream.len();
+    let answer = write(&app.client, &app.address, &creators[0], "is anyone there", "hung").await;
+    assert_unavailable(&answer);
+    stream.wait_for(hung_from, 4, StatusCode::SERVICE_UNAVAILABLE).await;
+    pg.signal("CONT");
+    stream.wait_for(stream.len(), 50, StatusCode::ACCEPTED).await;
+    let answers = stream.finish().await;
+
+    let acked: BTreeSet<String> = answers
+        .iter()
+        .filter_map(|answer| {
+            if answer.status == StatusCode::ACCEPTED {
+                return Some(answer.body["message_id"].as_str().expect("an ack carries the id").to_owned());
+            }
+            assert_unavailable(answer);
+            None
+        })
+        .collect();
+    for id in &acked {
+        app.wait_clustered(id).await;
+    }
+    for creator in &creators {
+        let stored = app.count("messages", &format!("creator_id = '{creator}'")).await;
+        app.wait_settled(creator, stored).await;
+        app.assert_cluster_invariants(creator).await;
+    }
 }
