@@ -6,6 +6,8 @@
 #
 #   loadtest/crash.sh [--duration S] [--kills K] [--rate R] [--transport ws|http]
 #                     (defaults: 15 s, 2 kills, 300 msg/s, ws)
+#   loadtest/crash.sh --check DB ACKED_FILE
+#                     only the checks, on a database kept with LT_KEEP_DB=1
 #
 # A fresh database crash_<time>_<pid> on the local stack (scripts/stack.sh
 # up) and a fresh daemon on it (loadtest/daemon.sh); both are gone at the
@@ -34,14 +36,15 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-duration=15 kills=2 rate=300 transport=ws
+duration=15 kills=2 rate=300 transport=ws check_db="" check_acked=""
 while (($#)); do
     case "$1" in
+        --check) check_db="$2"; check_acked="$3"; shift 3 ;;
         --duration) duration="$2"; shift 2 ;;
         --kills) kills="$2"; shift 2 ;;
         --rate) rate="$2"; shift 2 ;;
         --transport) transport="$2"; shift 2 ;;
-        -h | --help) sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "crash: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -56,54 +59,19 @@ ACKED="$LOG_DIR/$DB.acked.csv"
 REPORT="$LOG_DIR/$DB.loadtest.txt"
 
 export CLUSTERD__EMBEDDER__PROVIDER="${CRASH_PROVIDER:-hash}"
+# The last life ends with SIGTERM (daemon.sh's cleanup): nothing to drain.
+export CLUSTERD__SERVER__SHUTDOWN_TIMEOUT_SECS=1
 # TODO(auth): switch to a token from `clusterd token create --scope admin`
 # once bearer tokens land; until then the daemon runs without auth.
 export CLUSTERD__AUTH__ENABLED=false
 
-# shellcheck source=loadtest/daemon.sh
-source loadtest/daemon.sh
-: >"$ACKED"
-
 # psql on the run's database (the stack's psql, connected to the server).
 sql() { { printf '\\connect %s\n' "$DB"; cat; } | scripts/stack.sh psql -X -q -t -A -v ON_ERROR_STOP=1; }
 
-now() { date +%s.%N; }
-t0=$SECONDS
-echo "crash: database $DB, daemon on 127.0.0.1:$PORT ($BIN/clusterd, provider $CLUSTERD__EMBEDDER__PROVIDER); $duration s at $rate msg/s over $transport, $kills kills" >&2
-"$BIN/loadtest" --url "http://127.0.0.1:$PORT" --transport "$transport" --connections 4 --rate "$rate" \
-    --duration "$duration" --events false --keep-going --acked-file "$ACKED" >"$REPORT" 2>"$LOG_DIR/$DB.loadtest.log" &
-loadtest=$!
-
-restarts=()
-for ((k = 1; k <= kills; k++)); do
-    sleep "$(awk -v d="$duration" -v k="$((kills + 1))" 'BEGIN { printf "%.2f", d / k }')"
-    kill -0 "$loadtest" 2>/dev/null || break
-    kill -KILL "$daemon"
-    wait "$daemon" 2>/dev/null || true
-    before="$(now)"
-    start_daemon
-    restarts+=("$(awk -v a="$before" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')")
-    echo "crash: kill $k of $kills at $((SECONDS - t0)) s: SIGKILL, restarted and ready in ${restarts[-1]} s" >&2
-done
-loadtest_status=0
-wait "$loadtest" || loadtest_status=$?
-cat "$REPORT"
-((loadtest_status == 0)) || { tail -n 20 "$LOG_DIR/$DB.loadtest.log" >&2; echo "crash: loadtest failed ($loadtest_status)" >&2; exit 1; }
-
-# Wait until the pipeline has finished everything that was stored.
-settle_start=$SECONDS
-while :; do
-    unfinished="$(sql <<<"SELECT count(*) FROM messages WHERE status IN ('pending', 'embedded')")"
-    ((unfinished == 0)) && break
-    if ((SECONDS - settle_start >= ${CRASH_SETTLE_SECS:-60})); then
-        echo "crash: $unfinished messages still unfinished after ${CRASH_SETTLE_SECS:-60} s" >&2
-        break
-    fi
-    sleep 0.5
-done
-settled_in=$((SECONDS - settle_start))
-
-violations="$(sql <<SQL
+# Prints one line per violated property of database $DB, given the
+# acknowledged messages in $ACKED.
+violations() {
+    sql <<SQL
 CREATE TEMP TABLE acked (message_id uuid, external_id text, creator_id text);
 \\copy acked FROM '$(realpath "$ACKED")' WITH (FORMAT csv)
 -- Acknowledged: stored once, as acknowledged, and clustered.
@@ -146,7 +114,61 @@ WHERE kind <> CASE WHEN nth = 1 THEN 'cluster.created' ELSE 'cluster.updated' EN
 SELECT format('cluster %s has size %s and %s members', c.id, c.size, count(m.id))
 FROM clusters c LEFT JOIN messages m ON m.cluster_id = c.id GROUP BY c.id HAVING c.size <> count(m.id);
 SQL
-)"
+}
+
+if [[ -n "$check_db" ]]; then
+    # Only the checks, on a kept database (LT_KEEP_DB=1) and its acked file.
+    DB="$check_db" ACKED="$check_acked"
+    found="$(violations)"
+    [[ -z "$found" ]] && { echo "crash: $DB: no violation"; exit 0; }
+    sed 's/^/  /' <<<"$found"
+    echo "crash: $DB: $(wc -l <<<"$found") violations"
+    exit 1
+fi
+
+# shellcheck source=loadtest/daemon.sh
+source loadtest/daemon.sh
+: >"$ACKED"
+
+# psql on the run's database (the stack's psql, connected to the server).
+
+now() { date +%s.%N; }
+t0=$SECONDS
+echo "crash: database $DB, daemon on 127.0.0.1:$PORT ($BIN/clusterd, provider $CLUSTERD__EMBEDDER__PROVIDER); $duration s at $rate msg/s over $transport, $kills kills" >&2
+"$BIN/loadtest" --url "http://127.0.0.1:$PORT" --transport "$transport" --connections 4 --rate "$rate" \
+    --duration "$duration" --events false --keep-going --acked-file "$ACKED" >"$REPORT" 2>"$LOG_DIR/$DB.loadtest.log" &
+loadtest=$!
+
+restarts=()
+for ((k = 1; k <= kills; k++)); do
+    sleep "$(awk -v d="$duration" -v k="$((kills + 1))" 'BEGIN { printf "%.2f", d / k }')"
+    kill -0 "$loadtest" 2>/dev/null || break
+    kill -KILL "$daemon"
+    wait "$daemon" 2>/dev/null || true
+    before="$(now)"
+    start_daemon
+    restarts+=("$(awk -v a="$before" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')")
+    echo "crash: kill $k of $kills at $((SECONDS - t0)) s: SIGKILL, restarted and ready in ${restarts[-1]} s" >&2
+done
+loadtest_status=0
+wait "$loadtest" || loadtest_status=$?
+cat "$REPORT"
+((loadtest_status == 0)) || { tail -n 20 "$LOG_DIR/$DB.loadtest.log" >&2; echo "crash: loadtest failed ($loadtest_status)" >&2; exit 1; }
+
+# Wait until the pipeline has finished everything that was stored.
+settle_start=$SECONDS
+while :; do
+    unfinished="$(sql <<<"SELECT count(*) FROM messages WHERE status IN ('pending', 'embedded')")"
+    ((unfinished == 0)) && break
+    if ((SECONDS - settle_start >= ${CRASH_SETTLE_SECS:-60})); then
+        echo "crash: $unfinished messages still unfinished after ${CRASH_SETTLE_SECS:-60} s" >&2
+        break
+    fi
+    sleep 0.5
+done
+settled_in=$((SECONDS - settle_start))
+
+violations="$(violations)"
 
 read -r stored clustered creators events clusters < <(sql <<<"SELECT (SELECT count(*) FROM messages),
     (SELECT count(*) FROM messages WHERE status = 'clustered'), (SELECT count(*) FROM creators),
