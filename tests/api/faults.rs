@@ -474,10 +474,16 @@ async fn a_redis_outage_costs_the_cache_only_and_the_cache_returns_with_redis() 
 #[actix_web::test]
 async fn a_database_that_hangs_answers_503_and_the_daemon_recovers_when_it_answers_again() {
     let pg = ScratchPg::start();
-    let app = spawn_app_on(&pg.url(), |s| s.redis.url = None).await;
+    // One commit slot, always busy under the stream: the freeze almost
+    // surely catches a commit on the wire, which must not hold writes.
+    let app = spawn_app_on(&pg.url(), |s| {
+        s.redis.url = None;
+        s.ingest.pool_size = 1;
+    })
+    .await;
     let tag = Uuid::now_v7().simple().to_string();
     let creators: Vec<String> = (0..3).map(|k| format!("creator-hang-{k}")).collect();
-    let stream = Stream::start(&app, 4, &creators, &tag);
+    let stream = Stream::start(&app, 8, &creators, &tag);
 
     stream.wait_for(0, 50, StatusCode::ACCEPTED).await;
     pg.signal("STOP");
