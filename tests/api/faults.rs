@@ -1,7 +1,7 @@
 //! Dependency outages with real services of the test's own: a scratch
-//! PostgreSQL stopped mid-stream and started again (the stack's serves every
-//! other test, so it is never touched), and a scratch Redis killed and
-//! started again. The daemon must answer 503 `unavailable` with
+//! PostgreSQL stopped mid-stream and started again, or frozen (SIGSTOP) and
+//! resumed (the stack's serves every other test, so it is never touched),
+//! and a scratch Redis killed and started again. The daemon must answer 503 `unavailable` with
 //! `Retry-After` for writes while its database is away, lose nothing it
 //! acknowledged, and resume by itself when the service is back.
 
