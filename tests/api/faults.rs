@@ -290,6 +290,18 @@ async fn a_database_outage_answers_503_loses_nothing_and_the_daemon_recovers_by_
         stream.wait_for(down_from, 4, StatusCode::SERVICE_UNAVAILABLE).await;
         let (status, body) = app.get("/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "not ready without a database: {body}");
+        // Over the WebSocket: an error frame, and the connection stays open.
+        let mut ws = app.connect_ws().await;
+        let message = json!({"creator_id": creators[1], "text": "anyone?", "external_id": format!("ws-down{round}")});
+        ws.send(&json!({"type": "ingest", "id": 7, "message": message})).await;
+        let reply = ws.next_json().await;
+        assert_eq!(
+            (&reply["type"], &reply["id"], &reply["error"]["code"]),
+            (&json!("error"), &json!(7), &json!("unavailable")),
+            "{reply}"
+        );
+        ws.send(&json!({"type": "ping"})).await;
+        assert_eq!(ws.next_json().await["type"], "pong");
 
         // Back on the same port and data: the daemon serves writes again by
         // itself, without a restart.
