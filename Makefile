@@ -2,7 +2,10 @@
 #
 #   make run         start the local stack (PostgreSQL + Redis) and the daemon
 #                    (clusterd serve, on 127.0.0.1:8080 by default)
-#   make test        start the stack, then fmt check, clippy, tests (what CI runs)
+#   make test        start the stack, then fmt check, clippy, tests, and a short
+#                    crash test (15 s, 2 SIGKILLs; what CI runs)
+#   make test-faults the long crash test: 60 s of load, 5 SIGKILLs and restarts
+#                    of the daemon, then SQL checks (loadtest/crash.sh)
 #   make bench       criterion benchmark of the local embedding model
 #   make loadtest    load test against a fresh daemon (LOADTEST_ARGS=...)
 #   make eval        clustering quality on a labelled data set (EVAL_DATA=...)
@@ -26,7 +29,7 @@ WITH_STACK_ENV = eval "$$($(STACK) env)" &&
 .PHONY: help run test fmt clippy bench stack-up stack-down stack-status
 
 help:
-	@sed -n '3,13s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,16s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 # A development admin token is (re)made at each start, replacing the one
 # before, printed, and kept in .stack/dev-token (git-ignored).
@@ -47,6 +50,18 @@ test: stack-up
 	else \
 		cargo test --workspace; \
 	fi
+	@# Crash safety with the real binaries (dev profile: shares the test
+	@# build's dependencies, so loadtest is the only extra build).
+	cargo build -p clusterd -p loadtest --bin clusterd --bin loadtest
+	loadtest/crash.sh --duration 15 --kills 2
+
+# The long crash test: a steady stream for 60 s while the daemon is killed
+# with SIGKILL 5 times and restarted; then every acknowledged message must
+# be stored once and clustered, and the event log whole (loadtest/crash.sh).
+.PHONY: test-faults
+test-faults: stack-up
+	cargo build -p clusterd -p loadtest --bin clusterd --bin loadtest
+	loadtest/crash.sh --duration 60 --kills 5
 
 fmt:
 	cargo fmt --all

@@ -34,8 +34,11 @@ trap cleanup EXIT
 # CLUSTERD__AUTH__RATE_PER_SEC.
 start_daemon() {
     export CLUSTERD__AUTH__RATE_PER_SEC="${CLUSTERD__AUTH__RATE_PER_SEC:-0}"
-    CLUSTERD_TOKEN=$(CLUSTERD__DATABASE__URL="$DB_URL" "$BIN/clusterd" token create --scope admin --name loadtest 2>>"$LOG_DIR/$DB.log")
-    export CLUSTERD_TOKEN
+    if [[ -z "${token_made:-}" ]]; then # once per database, not per restart
+        CLUSTERD_TOKEN=$(CLUSTERD__DATABASE__URL="$DB_URL" "$BIN/clusterd" token create --scope admin --name loadtest 2>>"$LOG_DIR/$DB.log")
+        export CLUSTERD_TOKEN
+        token_made=1
+    fi
     CLUSTERD__DATABASE__URL="$DB_URL" CLUSTERD__SERVER__BIND="127.0.0.1:$PORT" \
         "$BIN/clusterd" serve >>"$LOG_DIR/$DB.log" 2>&1 &
     daemon=$!

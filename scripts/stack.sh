@@ -10,6 +10,15 @@
 #   scripts/stack.sh env      print `export` lines for the connection URLs;
 #                             use as: eval "$(scripts/stack.sh env)"
 #   scripts/stack.sh psql ... open the stack's psql on database clusterd
+#   scripts/stack.sh scratch-pg start DIR PORT
+#                             a throw-away PostgreSQL from the same binaries
+#                             on 127.0.0.1:PORT, data in DIR (initdb'd on
+#                             first start; started again as it is after);
+#                             for fault tests that stop the database
+#   scripts/stack.sh scratch-pg stop DIR [fast|immediate]
+#                             stop it (default fast; immediate = a crash)
+#   scripts/stack.sh scratch-pg remove DIR
+#                             stop it if it runs, then delete DIR
 #
 # Environment:
 #   CLUSTERD_PG_PORT     PostgreSQL port on 127.0.0.1 (default 55432)
@@ -761,8 +770,64 @@ cmd_psql() {
     exec "$(psql_bin)" -X "host=$HOST port=$PG_PORT user=$PG_SUPERUSER dbname=$PG_DATABASE" "$@"
 }
 
+# ---------------------------------------------------------------------------
+# Scratch PostgreSQL: a second server for tests that stop the database (the
+# stack's own serves every other test and must stay up). Same binaries and
+# system user as the stack's; superuser clusterd, trust on loopback; no lock
+# (several tests may run scratch servers at once, each in its own DIR).
+# ---------------------------------------------------------------------------
+
+cmd_scratch_pg() {
+    need_root
+    local action="${1:-}" dir="${2:-}"
+    [[ -n "$action" && -n "$dir" ]] || die "usage: scratch-pg start DIR PORT | stop DIR [fast|immediate] | remove DIR"
+    [[ "$dir" == /* ]] || die "scratch-pg: DIR must be an absolute path, got '$dir'"
+    ensure_stack_dir
+    ensure_pg_user
+    resolve_pg_home
+    [[ -x "$PG_BIN/pg_ctl" ]] || die "no PostgreSQL binaries in $PG_BIN: run 'scripts/stack.sh up' first"
+    local data="$dir/data" log="$dir/postgres.log"
+    case "$action" in
+        start)
+            local port="${3:-}"
+            check_port_var "scratch-pg PORT" "$port"
+            mkdir -p "$dir"
+            chown "$PG_USER:" "$dir"
+            chmod 0700 "$dir"
+            as_pg test -w "$dir" || die "scratch-pg: $PG_USER cannot write to $dir (is a parent directory closed to it?)"
+            if [[ ! -f "$data/PG_VERSION" ]]; then
+                run_logged as_pg "$PG_BIN/initdb" -D "$data" -U "$PG_SUPERUSER" --no-sync \
+                    --encoding=UTF8 --locale-provider=builtin --builtin-locale=C.UTF-8 \
+                    --locale=C.UTF-8 --auth=trust \
+                    || die "scratch-pg: initdb $data failed (log: $STACK_LOG)"
+            fi
+            # Small (a test's database) and durable (tests check what
+            # survives a stop).
+            printf '%s\n' "listen_addresses = '$HOST'" "port = $port" "unix_socket_directories = ''" \
+                "max_connections = 100" "shared_buffers = 32MB" "fsync = on" "synchronous_commit = on" \
+                "timezone = 'UTC'" | as_pg tee "$data/postgresql.auto.conf" >/dev/null
+            printf 'host all all %s/32 trust\n' "$HOST" | as_pg tee "$data/pg_hba.conf" >/dev/null
+            run_logged as_pg "$PG_BIN/pg_ctl" -D "$data" -l "$log" -w -t 60 start \
+                || { tail -n 20 "$log" >&2 2>/dev/null; die "scratch-pg: the server in $data did not start on port $port"; }
+            ;;
+        stop)
+            local mode="${3:-fast}"
+            [[ "$mode" == fast || "$mode" == immediate ]] || die "scratch-pg stop: mode must be fast or immediate"
+            run_logged as_pg "$PG_BIN/pg_ctl" -D "$data" -m "$mode" -w -t 60 stop \
+                || die "scratch-pg: could not stop the server in $data"
+            ;;
+        remove)
+            if [[ -f "$data/postmaster.pid" ]]; then
+                run_logged as_pg "$PG_BIN/pg_ctl" -D "$data" -m immediate -w -t 60 stop || true
+            fi
+            rm -rf "$dir"
+            ;;
+        *) die "scratch-pg: unknown action '$action' (start, stop, remove)" ;;
+    esac
+}
+
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 main() {
@@ -778,6 +843,7 @@ main() {
         env) cmd_env ;;
         model) cmd_model ;;
         psql) cmd_psql "$@" ;;
+        scratch-pg) cmd_scratch_pg "$@" ;;
         -h | --help | help) usage ;;
         *)
             usage >&2

@@ -139,6 +139,9 @@ pub struct IngestSettings {
     pub pool_size: usize,
     pub max_group: usize,
     pub queue_capacity: usize,
+    /// Longest wait for a group commit before its clients get 503: a
+    /// database that hangs must not hold writes forever.
+    pub commit_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,8 +277,8 @@ impl Settings {
                 "auth.rate_burst (or rate_per_sec) must be at least limits.max_batch, or no batch could pass",
             );
         }
-        if self.ingest.pool_size == 0 || self.ingest.max_group == 0 {
-            return invalid("ingest.pool_size and ingest.max_group must be at least 1");
+        if self.ingest.pool_size == 0 || self.ingest.max_group == 0 || self.ingest.commit_timeout_ms == 0 {
+            return invalid("ingest.pool_size, ingest.max_group and ingest.commit_timeout_ms must be at least 1");
         }
         if self.clustering.shards == 0 || self.clustering.max_group == 0 {
             return invalid("clustering.shards and clustering.max_group must be at least 1");
@@ -314,6 +317,12 @@ impl Settings {
             );
         }
         Ok(())
+    }
+}
+
+impl IngestSettings {
+    pub fn commit_timeout(&self) -> Duration {
+        Duration::from_millis(self.commit_timeout_ms)
     }
 }
 

@@ -65,6 +65,17 @@ pub struct Args {
     /// token over HTTP and as `?token=` on the WebSocket.
     #[arg(long, env = "CLUSTERD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Append one CSV line `message_id,external_id,creator_id` per
+    /// acknowledged message to this file (created if missing), for checks
+    /// afterwards (loadtest/crash.sh).
+    #[arg(long)]
+    pub acked_file: Option<std::path::PathBuf>,
+    /// Keep sending through a daemon that goes away: a WebSocket ingest
+    /// connection that fails is reopened (retrying until the run ends), and
+    /// its unacknowledged frames are counted as errors. HTTP requests always
+    /// keep going. Event sockets reconnect in any case.
+    #[arg(long)]
+    pub keep_going: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -199,6 +210,11 @@ mod tests {
         assert_eq!((args.count, args.events, args.event_sockets()), (Some(10), false, 0));
         let args = Args::try_parse_from(["loadtest", "--duration", "5", "--creators", "101"]).unwrap();
         assert_eq!((args.event_sockets(), args.creator_prefix), (3, None));
+        assert!(!args.keep_going && args.acked_file.is_none());
+        let args = Args::try_parse_from(["loadtest", "--count", "1", "--keep-going", "--acked-file", "/tmp/acked.csv"])
+            .unwrap();
+        assert!(args.keep_going);
+        assert_eq!(args.acked_file.as_deref(), Some(std::path::Path::new("/tmp/acked.csv")));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! HTTP transport: each connection is a task doing `POST /v1/messages`
 //! one after the other, over a client limited to `--connections` sockets.
+//! A request that fails (an error status, a refused or broken connection)
+//! is counted by its error code and the task goes on with the next one.
 
 use std::{rc::Rc, time::Duration};
 
@@ -36,7 +38,10 @@ pub async fn drive(run: Rc<Run>, client: Client, url: Rc<str>, index: usize, rat
         let outcome = post(&client, &url, &message).await;
         let mut stats = run.stats.borrow_mut();
         match outcome {
-            Ok(result) => stats.on_ack(sent, result.message_id, result.duplicate),
+            Ok(result) => {
+                stats.on_ack(sent, result.message_id, result.duplicate);
+                run.log_ack(result.message_id, &message);
+            }
             Err(code) => stats.on_error(&code),
         }
     }

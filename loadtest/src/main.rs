@@ -20,6 +20,10 @@
 //! `cluster.updated` event. Progress goes to stderr once a second; the
 //! report goes to stdout. Only loopback targets are accepted.
 //!
+//! For fault tests (`loadtest/crash.sh`), `--acked-file` lists every
+//! acknowledged message and `--keep-going` rides through a daemon that
+//! dies and comes back: what was not acknowledged is counted, not retried.
+//!
 //! Everything runs on actix's single-threaded runtime: the tool uses at
 //! most one core, which matters on a small machine shared with the daemon.
 
@@ -66,14 +70,12 @@ async fn execute(args: Args) -> anyhow::Result<()> {
     let drain = args.drain()?;
     check_ready(&target).await?;
 
-    let run = Rc::new(Run::new(
-        args.creators,
-        args.creator_prefix.as_deref(),
-        args.seed,
-        args.texts,
-        args.limits()?,
-        args.events,
-    ));
+    let mut run =
+        Run::new(args.creators, args.creator_prefix.as_deref(), args.seed, args.texts, args.limits()?, args.events);
+    if let Some(path) = &args.acked_file {
+        run = run.with_acked_file(path)?;
+    }
+    let run = Rc::new(run);
     let setup = Setup { run_id: &run.id, description: describe(&args, &target, run.seed) };
     eprintln!("loadtest: run {}: {}", setup.run_id, setup.description);
 
@@ -89,6 +91,7 @@ async fn execute(args: Args) -> anyhow::Result<()> {
     progress.abort();
     listeners.iter().for_each(JoinHandle::abort);
 
+    run.finish_acked_file()?;
     let stats = run.stats.borrow();
     let ingest_time = ingest_end.saturating_duration_since(started);
     print!("{}", report::final_report(&setup, &stats, ingest_time, drain, args.events));
@@ -173,9 +176,17 @@ impl Senders {
         match args.transport {
             Transport::Ws => {
                 let mut sockets = Vec::with_capacity(connections);
+                let url: Rc<str> = target.ws.as_str().into();
                 for index in 0..connections {
                     let socket = socket::connect(&target.ws).await?;
-                    sockets.push(ws_ingest::Connection { index, socket, inflight: args.inflight as usize, rate });
+                    sockets.push(ws_ingest::Connection {
+                        index,
+                        socket,
+                        inflight: args.inflight as usize,
+                        rate,
+                        keep_going: args.keep_going,
+                        url: url.clone(),
+                    });
                 }
                 Ok(Self::Ws(sockets))
             }

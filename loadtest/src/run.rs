@@ -3,8 +3,13 @@
 
 use std::{
     cell::{Cell, RefCell},
+    fs::File,
+    io::{BufWriter, Write},
+    path::Path,
     time::{SystemTime, UNIX_EPOCH},
 };
+
+use anyhow::Context;
 
 use clusterd::protocol::{MessageInput, Visitor};
 use tokio::{sync::Notify, time::Instant};
@@ -25,6 +30,15 @@ pub struct Run {
     pub stats: RefCell<Stats>,
     /// Signalled when an event settles the last acked message awaiting one.
     pub settled: Notify,
+    /// `--acked-file`: one line per acknowledged message.
+    acked_log: Option<RefCell<AckedLog>>,
+}
+
+/// The `--acked-file` writer; remembers its first error for the end of the
+/// run (a check that reads an incomplete file would report false losses).
+struct AckedLog {
+    out: BufWriter<File>,
+    error: Option<std::io::Error>,
 }
 
 impl Run {
@@ -49,6 +63,46 @@ impl Run {
             plan: Plan::new(limits),
             stats: RefCell::new(Stats::new(track_events)),
             settled: Notify::new(),
+            acked_log: None,
+        }
+    }
+
+    /// Appends every acknowledged message to `path` (`--acked-file`).
+    pub fn with_acked_file(mut self, path: &Path) -> anyhow::Result<Self> {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open --acked-file {}", path.display()))?;
+        self.acked_log = Some(RefCell::new(AckedLog { out: BufWriter::new(file), error: None }));
+        Ok(self)
+    }
+
+    /// Whether acknowledgements are written to an `--acked-file`.
+    pub fn logs_acks(&self) -> bool {
+        self.acked_log.is_some()
+    }
+
+    /// Records an acknowledgement of `message` in the `--acked-file`.
+    pub fn log_ack(&self, message_id: uuid::Uuid, message: &MessageInput) {
+        let Some(log) = &self.acked_log else { return };
+        let mut log = log.borrow_mut();
+        let external_id = message.external_id.as_deref().unwrap_or("");
+        if let Err(e) = writeln!(log.out, "{message_id},{external_id},{}", message.creator_id) {
+            log.error.get_or_insert(e);
+        }
+    }
+
+    /// Flushes the `--acked-file`; fails if any line could not be written.
+    pub fn finish_acked_file(&self) -> anyhow::Result<()> {
+        let Some(log) = &self.acked_log else { return Ok(()) };
+        let mut log = log.borrow_mut();
+        if let Err(e) = log.out.flush() {
+            log.error.get_or_insert(e);
+        }
+        match log.error.take() {
+            Some(e) => Err(e).context("writing --acked-file"),
+            None => Ok(()),
         }
     }
 
@@ -111,17 +165,22 @@ impl Plan {
 
     /// The next message number, or `None` once sending must stop.
     pub fn claim(&self) -> Option<u64> {
+        if self.exhausted() {
+            return None;
+        }
         let seq = self.claimed.get();
-        let counted_out = self.limits.count.is_some_and(|count| seq >= count);
+        self.claimed.set(seq + 1);
+        Some(seq)
+    }
+
+    /// Whether sending must stop (the count or the deadline is reached).
+    pub fn exhausted(&self) -> bool {
+        let counted_out = self.limits.count.is_some_and(|count| self.claimed.get() >= count);
         let timed_out = match (self.limits.duration, self.started.get()) {
             (Some(duration), Some(started)) => started.elapsed() >= duration,
             _ => false,
         };
-        if counted_out || timed_out {
-            return None;
-        }
-        self.claimed.set(seq + 1);
-        Some(seq)
+        counted_out || timed_out
     }
 }
 

@@ -1,11 +1,13 @@
 //! WebSocket transport: each connection pipelines up to `--inflight`
 //! `ingest` frames and matches the acks, which come back in frame order.
+//! With `--keep-going`, a connection that fails is reopened until the run
+//! ends; the frames it had in flight count as errors (never as acks).
 
 use std::{collections::VecDeque, rc::Rc, time::Duration};
 
 use anyhow::{Context, bail};
 use awc::{error::WsProtocolError, ws};
-use clusterd::protocol::{ClientFrame, ServerFrame};
+use clusterd::protocol::{ClientFrame, MessageInput, ServerFrame};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
@@ -18,11 +20,15 @@ use crate::{
 
 /// Longest silence tolerated while acks are outstanding.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between attempts to reopen a failed connection (`--keep-going`).
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
 /// An ingest frame awaiting its ack.
 struct InFlight {
     seq: u64,
     sent: Instant,
+    /// The message, kept for the `--acked-file` only.
+    message: Option<MessageInput>,
 }
 
 pub struct Connection {
@@ -31,18 +37,43 @@ pub struct Connection {
     pub inflight: usize,
     /// This connection's share of `--rate` (0 = flat out).
     pub rate: f64,
+    /// Reopen the connection when it fails (`--keep-going`).
+    pub keep_going: bool,
+    /// Where to reopen it.
+    pub url: Rc<str>,
 }
 
 /// Sends until the plan is exhausted and every ack is in. Outstanding
 /// frames of a connection that fails are counted as errors.
 pub async fn drive(run: Rc<Run>, mut conn: Connection) {
+    let mut rng = run.rng(conn.index);
+    let mut pacer = Pacer::new(conn.rate);
     let mut window = VecDeque::with_capacity(conn.inflight);
-    if let Err(e) = pump(&run, &mut conn, &mut window).await {
+    loop {
+        let Err(e) = pump(&run, &mut conn, &mut window, &mut rng, &mut pacer).await else { break };
         let code = if e.downcast_ref::<Timeout>().is_some() { "timeout" } else { "connection" };
         run.stats.borrow_mut().on_errors(code, window.len() as u64);
+        window.clear();
         eprintln!("loadtest: ws connection {}: {e:#}", conn.index);
+        if !conn.keep_going || !reconnect(&run, &mut conn).await {
+            break;
+        }
     }
     socket::close(&mut conn.socket).await;
+}
+
+/// Reopens a failed connection, retrying until it works (true) or the run
+/// has nothing left to send (false).
+async fn reconnect(run: &Run, conn: &mut Connection) -> bool {
+    while !run.plan.exhausted() {
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+        if let Ok(socket) = socket::connect(&conn.url).await {
+            conn.socket = socket;
+            eprintln!("loadtest: ws connection {} reopened", conn.index);
+            return true;
+        }
+    }
+    false
 }
 
 #[derive(Debug)]
@@ -56,9 +87,13 @@ impl std::fmt::Display for Timeout {
 
 impl std::error::Error for Timeout {}
 
-async fn pump(run: &Run, conn: &mut Connection, window: &mut VecDeque<InFlight>) -> anyhow::Result<()> {
-    let mut rng = run.rng(conn.index);
-    let mut pacer = Pacer::new(conn.rate);
+async fn pump(
+    run: &Run,
+    conn: &mut Connection,
+    window: &mut VecDeque<InFlight>,
+    rng: &mut Rng,
+    pacer: &mut Pacer,
+) -> anyhow::Result<()> {
     let mut exhausted = false;
     while !(exhausted && window.is_empty()) {
         tokio::select! {
@@ -68,7 +103,7 @@ async fn pump(run: &Run, conn: &mut Connection, window: &mut VecDeque<InFlight>)
             }
             () = pacer.ready(), if !exhausted && window.len() < conn.inflight => {
                 match run.plan.claim() {
-                    Some(seq) => send(run, &mut conn.socket, window, seq, &mut rng).await?,
+                    Some(seq) => send(run, &mut conn.socket, window, seq, rng).await?,
                     None => exhausted = true,
                 }
             }
@@ -84,9 +119,11 @@ async fn send(
     seq: u64,
     rng: &mut Rng,
 ) -> anyhow::Result<()> {
-    let frame = ClientFrame::Ingest { id: Some(seq.into()), message: run.message(seq, rng) };
+    let message = run.message(seq, rng);
+    let kept = run.logs_acks().then(|| message.clone());
+    let frame = ClientFrame::Ingest { id: Some(seq.into()), message };
     let text = serde_json::to_string(&frame).context("serialising an ingest frame")?;
-    window.push_back(InFlight { seq, sent: Instant::now() });
+    window.push_back(InFlight { seq, sent: Instant::now(), message: kept });
     run.stats.borrow_mut().on_sent();
     socket::send_text(socket, text).await
 }
@@ -126,7 +163,12 @@ fn on_reply(run: &Run, window: &mut VecDeque<InFlight>, reply: ServerFrame) -> a
     let front = window.pop_front().expect("checked above");
     let mut stats = run.stats.borrow_mut();
     match outcome {
-        Ok((message_id, duplicate)) => stats.on_ack(front.sent, message_id, duplicate),
+        Ok((message_id, duplicate)) => {
+            stats.on_ack(front.sent, message_id, duplicate);
+            if let Some(message) = &front.message {
+                run.log_ack(message_id, message);
+            }
+        }
         Err(code) => stats.on_error(&code),
     }
     Ok(())

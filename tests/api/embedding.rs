@@ -215,6 +215,44 @@ async fn openai_rate_limits_and_timeouts_delay_work_but_lose_nothing() {
 }
 
 #[actix_web::test]
+async fn a_provider_slower_than_the_timeout_on_every_attempt_fails_visibly_and_can_be_retried() {
+    let fake = FakeOpenAi::start().await;
+    // Every attempt outlasts the client's 300 ms timeout (one slow answer
+    // per attempt); after that the provider is healthy again.
+    for _ in 0..3 {
+        fake.push(Fault::Delay(std::time::Duration::from_secs(2)));
+    }
+    let app = spawn_openai_app(&fake, 3).await;
+    let tag = Uuid::now_v7().simple().to_string();
+    let ids = post_batch(
+        &app,
+        "creator-openai-slow",
+        &[format!("is there parking {tag}"), format!("when do doors open {tag}")],
+    )
+    .await;
+
+    for id in &ids {
+        let failed = app.wait_status(id, "failed").await;
+        let error = failed["error"].as_str().expect("a failed message carries its error");
+        assert!(error.contains("within 300 ms"), "the error says the provider timed out: {error}");
+        assert!(failed["cluster_id"].is_null(), "{failed}");
+    }
+    assert_eq!(fake.request_count(), 3, "max_attempts requests, then the batch gave up");
+    assert_eq!(app.metric("clusterd_messages_failed_total").await, 2.0);
+    assert!(app.metric("clusterd_embed_provider_retries_total").await >= 2.0);
+
+    let (status, body) = app.post("/v1/admin/messages/retry", &json!({"creator_id": "creator-openai-slow"})).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(body["retried"], 2);
+    for id in &ids {
+        let clustered = app.wait_clustered(id).await;
+        assert!(clustered["error"].is_null(), "the error is cleared: {clustered}");
+    }
+    app.wait_settled("creator-openai-slow", 2).await;
+    app.assert_cluster_invariants("creator-openai-slow").await;
+}
+
+#[actix_web::test]
 async fn a_missing_model_stops_the_daemon_at_start_with_a_clear_error() {
     let db = fresh_database().await;
     let mut settings = crate::helpers::test_settings(&db);

@@ -7,6 +7,7 @@ mod embedding;
 mod errors;
 mod events;
 mod fake_openai;
+mod faults;
 mod helpers;
 mod ingest;
 mod instances;

@@ -5,12 +5,15 @@
 //! transaction. Messages that arrive while commits are in flight wait for
 //! the next one, so under load one fsync acknowledges many messages without
 //! any artificial delay when idle. A message is acknowledged only after its
-//! transaction committed; then it is handed to the embedder.
+//! transaction committed; then it is handed to the embedder. A commit that
+//! takes longer than `ingest.commit_timeout_ms` (a database that hangs) is
+//! abandoned: its clients get `Unavailable`, and its slot is free again.
 
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use actix::prelude::*;
 use futures_util::future::try_join_all;
+use sea_orm::DbErr;
 use tokio::sync::oneshot;
 
 use crate::{
@@ -67,7 +70,12 @@ impl Ingest {
             let repo = self.repo.clone();
             let messages: Vec<NewMessage> = group.iter().map(|w| w.message.clone()).collect();
             let started = Instant::now();
-            let commit = async move { repo.insert_messages(&messages).await };
+            let timeout = self.settings.commit_timeout();
+            let commit = async move {
+                tokio::time::timeout(timeout, repo.insert_messages(&messages)).await.unwrap_or_else(|_| {
+                    Err(RepoError::Unavailable(DbErr::Custom(format!("no commit within {} ms", timeout.as_millis()))))
+                })
+            };
             ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
                 act.commits_in_flight -= 1;
                 act.metrics.ingest_commit_seconds.observe(started.elapsed().as_secs_f64());
