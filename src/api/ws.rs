@@ -24,7 +24,7 @@ use super::{ApiError, ApiState, clusters, messages};
 use crate::{
     actors::broadcaster::{Disconnect, SessionId, Subscribe, Unsubscribe},
     domain::validate,
-    protocol::{ClientFrame, ErrorBody, Operation, ServerFrame},
+    protocol::{self, ClientFrame, ErrorBody, FrameError, Operation, ServerFrame},
     repository::StoredEvent,
 };
 
@@ -137,24 +137,23 @@ impl WsSession {
             Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
             Some(Ok(AggregatedMessage::Close(_))) => Err(End::Close(CloseCode::Normal, "bye")),
             Some(Err(ProtocolError::Overflow)) => Err(End::Close(CloseCode::Size, "frame too large")),
+            // actix-ws reports a text message that is not UTF-8, and a
+            // fragmented message beyond the limit, as I/O errors.
+            Some(Err(ProtocolError::Io(e))) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(End::Close(CloseCode::Invalid, "text frames must be UTF-8"))
+            }
+            Some(Err(ProtocolError::Io(e))) if e.to_string().contains("maximum continuation size") => {
+                Err(End::Close(CloseCode::Size, "message too large"))
+            }
             Some(Err(_)) => Err(End::Close(CloseCode::Protocol, "protocol error")),
         }
     }
 
     async fn on_text(&mut self, text: &str) -> Result<(), End> {
-        let value: serde_json::Value = match serde_json::from_str(text) {
-            Ok(value) => value,
-            Err(e) => {
-                let error = ApiError::InvalidRequest(format!("invalid JSON: {e}"));
-                return self.reply(error_frame(None, &error)).await;
-            }
-        };
-        let id = value.get("id").filter(|v| v.is_string() || v.is_number()).cloned();
-        let frame = match serde_json::from_value::<ClientFrame>(value) {
+        let frame = match protocol::parse_client_frame(text) {
             Ok(frame) => frame,
-            Err(e) => {
-                let error = ApiError::InvalidRequest(format!("invalid frame: {e}"));
-                return self.reply(error_frame(id, &error)).await;
+            Err(FrameError { id, message }) => {
+                return self.reply(error_frame(id, &ApiError::InvalidRequest(message))).await;
             }
         };
         match frame {
