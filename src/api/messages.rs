@@ -51,8 +51,13 @@ pub async fn post_message(
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn post_batch(state: web::Data<ApiState>, body: web::Json<BatchInput>) -> Result<HttpResponse, ApiError> {
-    let items = body.into_inner().messages;
+pub async fn post_batch(
+    state: web::Data<ApiState>,
+    body: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let batch: BatchInput = protocol::from_object(body.into_inner())
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
+    let items = batch.messages;
     let max = state.settings.limits.max_batch;
     if items.is_empty() {
         return Err(ApiError::InvalidRequest("messages must hold at least one message".into()));
