@@ -7,6 +7,7 @@ mod errors;
 mod events;
 mod fake_openai;
 mod helpers;
+mod hostile;
 mod ingest;
 mod instances;
 mod model;
