@@ -486,6 +486,15 @@ mod tests {
     }
 
     #[test]
+    fn numbers_parse_to_the_nearest_f64() {
+        // serde_json's float_roundtrip feature; without it the second is
+        // read as 1.3333333333333337 and the first as 1.3333333333333335.
+        let value: serde_json::Value =
+            serde_json::from_str("[1.3333333333333337, 1.3333333333333333333335]").expect("JSON");
+        assert_eq!(value.to_string(), "[1.3333333333333337,1.3333333333333333]");
+    }
+
+    #[test]
     fn a_visitor_is_an_object() {
         let message = |visitor: &str| {
             from_object::<MessageInput>(
