@@ -36,6 +36,17 @@ where
     from_object(value).map_err(serde::de::Error::custom)
 }
 
+/// `deserialize_with` form of [`from_object`] for an optional field: `null`
+/// is `None`.
+fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
+    value.map(|v| from_object(v).map_err(serde::de::Error::custom)).transpose()
+}
+
 /// A message as a client submits it (`POST /v1/messages`, WebSocket `ingest`).
 /// Unknown fields are rejected so that a typo (`extrnal_id`) cannot silently
 /// disable idempotency.
@@ -46,7 +57,7 @@ pub struct MessageInput {
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "optional_object")]
     pub visitor: Option<Visitor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_payload: Option<serde_json::Value>,
@@ -384,6 +395,44 @@ pub enum ClientFrame {
     },
 }
 
+impl ClientFrame {
+    /// The client's `id`, echoed in the reply.
+    pub fn id(&self) -> Option<&serde_json::Value> {
+        match self {
+            Self::Subscribe { id, .. }
+            | Self::Unsubscribe { id, .. }
+            | Self::Ingest { id, .. }
+            | Self::Ping { id }
+            | Self::Action { id, .. }
+            | Self::Remove { id, .. }
+            | Self::Merge { id, .. }
+            | Self::Move { id, .. } => id.as_ref(),
+        }
+    }
+}
+
+/// A WebSocket text frame the server refused, before it did anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameError {
+    /// The client's `id`, echoed in the error frame when it was a string or
+    /// a number.
+    pub id: Option<serde_json::Value>,
+    pub message: String,
+}
+
+/// Parses a WebSocket text frame as the server does: JSON first, then the
+/// payload of its `type`, so that a frame with a bad payload still gets its
+/// `id` echoed. The payload's field values are validated later, by
+/// [`crate::domain::validate`].
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| FrameError { id: None, message: format!("invalid JSON: {e}") })?;
+    let id = value.get("id").filter(|v| v.is_string() || v.is_number()).cloned();
+    // An internally tagged enum also takes an array whose first item is the
+    // tag (`["ping"]`): only an object is a frame.
+    from_object(value).map_err(|e| FrameError { id, message: format!("invalid frame: {e}") })
+}
+
 /// A creator operation, as named in a WebSocket `result` frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -434,4 +483,44 @@ pub enum ServerFrame {
         id: Option<serde_json::Value>,
         error: ErrorBody,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_json_objects_are_client_frames() {
+        assert!(matches!(parse_client_frame(r#"{"type": "ping", "id": 1}"#), Ok(ClientFrame::Ping { .. })));
+        for text in [r#"["ping"]"#, r#"["subscribe", null, "c1"]"#, "null", "5", r#""ping""#, "{", ""] {
+            assert_eq!(parse_client_frame(text).map_err(|e| e.id).err(), Some(None), "{text}");
+        }
+        let refused = parse_client_frame(r#"{"type": "dance", "id": "d-1"}"#).expect_err("an unknown type");
+        assert_eq!(refused.id, Some(serde_json::json!("d-1")));
+        let refused = parse_client_frame(r#"{"type": "dance", "id": {"x": 1}}"#).expect_err("an unknown type");
+        assert_eq!(refused.id, None, "only a string or number id is echoed in an error");
+    }
+
+    #[test]
+    fn numbers_parse_to_the_nearest_f64() {
+        // serde_json's float_roundtrip feature; without it the second is
+        // read as 1.3333333333333337 and the first as 1.3333333333333335.
+        let value: serde_json::Value =
+            serde_json::from_str("[1.3333333333333337, 1.3333333333333333333335]").expect("JSON");
+        assert_eq!(value.to_string(), "[1.3333333333333337,1.3333333333333333]");
+    }
+
+    #[test]
+    fn a_visitor_is_an_object() {
+        let message = |visitor: &str| {
+            from_object::<MessageInput>(
+                serde_json::from_str(&format!(r#"{{"creator_id": "c", "text": "t", "visitor": {visitor}}}"#))
+                    .expect("JSON"),
+            )
+        };
+        assert_eq!(message(r#"{"id": "v"}"#).expect("an object").visitor.and_then(|v| v.id), Some("v".into()));
+        assert!(message("null").expect("null is no visitor").visitor.is_none());
+        assert!(message(r#"["v", "Ana", "https://x/a.png"]"#).is_err());
+        assert!(message(r#""v""#).is_err());
+    }
 }

@@ -5,7 +5,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{ApiError, ApiState, auth::Principal, json};
-use crate::actors::embedder::{EmbedItem, EmbedMessages};
+use crate::{
+    actors::embedder::{EmbedItem, EmbedMessages},
+    domain::validate,
+};
 
 /// Which failed messages to retry; no field: every failed message.
 #[derive(Debug, Default, Deserialize)]
@@ -32,6 +35,9 @@ pub async fn retry_failed(
     principal.require_admin()?;
     let input: RetryInput = crate::protocol::from_object(body.into_inner())
         .map_err(|e| ApiError::InvalidRequest(format!("invalid retry request: {e}")))?;
+    if let Some(creator_id) = &input.creator_id {
+        validate::creator_id(creator_id)?;
+    }
     let ids = input.message_ids.as_deref();
     if ids.is_some_and(|ids| ids.len() > state.settings.limits.max_batch) {
         return Err(ApiError::PayloadTooLarge(format!(

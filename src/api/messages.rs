@@ -56,10 +56,12 @@ pub async fn post_message(
 pub async fn post_batch(
     principal: Principal,
     state: web::Data<ApiState>,
-    body: web::Json<BatchInput>,
+    body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     principal.may_ingest()?;
-    let items = body.into_inner().messages;
+    let batch: BatchInput = protocol::from_object(body.into_inner())
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
+    let items = batch.messages;
     let max = state.settings.limits.max_batch;
     if items.is_empty() {
         return Err(ApiError::InvalidRequest("messages must hold at least one message".into()));

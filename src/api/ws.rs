@@ -39,7 +39,7 @@ use super::{ApiError, ApiState, auth::Principal, clusters, messages};
 use crate::{
     actors::broadcaster::{Disconnect, SessionId, Subscribe, Unsubscribe},
     domain::validate,
-    protocol::{ClientFrame, ErrorBody, Operation, ServerFrame},
+    protocol::{self, ClientFrame, ErrorBody, FrameError, Operation, ServerFrame},
     repository::StoredEvent,
 };
 
@@ -218,14 +218,12 @@ impl WsSession {
     }
 
     async fn on_text(&mut self, text: &str) -> Result<(), End> {
-        let value: serde_json::Value = match serde_json::from_str(text) {
-            Ok(value) => value,
-            Err(e) => {
-                let error = ApiError::InvalidRequest(format!("invalid JSON: {e}"));
-                return self.reply(error_frame(None, &error)).await;
-            }
+        let parsed = protocol::parse_client_frame(text);
+        let id = match &parsed {
+            Ok(frame) => frame.id().cloned(),
+            Err(error) => error.id.clone(),
         };
-        let id = value.get("id").filter(|v| v.is_string() || v.is_number()).cloned();
+        // Every frame, well-formed or not, spends the token's rate limit.
         if let Err(ApiError::Unauthorized(_)) = self.state.auth.revalidate(&self.principal).await {
             return Err(End::Close(CloseCode::Policy, "token revoked"));
         }
@@ -233,11 +231,10 @@ impl WsSession {
             self.state.metrics.auth_refused.with_label_values(&[error.code()]).inc();
             return self.reply(error_frame(id, &error)).await;
         }
-        let frame = match serde_json::from_value::<ClientFrame>(value) {
+        let frame = match parsed {
             Ok(frame) => frame,
-            Err(e) => {
-                let error = ApiError::InvalidRequest(format!("invalid frame: {e}"));
-                return self.reply(error_frame(id, &error)).await;
+            Err(FrameError { id, message }) => {
+                return self.reply(error_frame(id, &ApiError::InvalidRequest(message))).await;
             }
         };
         match frame {

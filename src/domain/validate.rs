@@ -1,7 +1,7 @@
 //! Validation of everything a client sends, before anything is stored.
 //! A message that passes becomes a [`NewMessage`], ready to insert.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, SubsecRound, Timelike, Utc};
 use uuid::Uuid;
 
 use crate::{
@@ -92,6 +92,22 @@ fn short_field(name: &str, value: &str, max: usize) -> Result<(), ValidationErro
     Ok(())
 }
 
+/// `visitor.avatar_url`: an absolute `http` or `https` URL with a host, and
+/// no whitespace or control characters. Dashboards show it as an image: a
+/// `javascript:` or `data:` URL has no business there.
+fn avatar_url(url: &str) -> Result<(), ValidationError> {
+    let after =
+        |scheme: &str| url.get(..scheme.len()).filter(|s| s.eq_ignore_ascii_case(scheme)).map(|_| &url[scheme.len()..]);
+    let rest = after("https://").or_else(|| after("http://"));
+    let has_host = rest.is_some_and(|r| !r.is_empty() && !r.starts_with(['/', '?', '#']));
+    if !has_host || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            "visitor.avatar_url must be an absolute http or https URL, without whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
 /// The list of clusters to merge into `target`: 1 to 100 ids, no id twice,
 /// not the target itself. Ids compare as UUIDs where they parse (so case
 /// does not hide a duplicate); whether each names a cluster is for the
@@ -148,6 +164,24 @@ fn raw_payload(value: &serde_json::Value) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// `sent_at`: an RFC 3339 timestamp, kept as the instant it names in UTC,
+/// to the microsecond (PostgreSQL's precision: finer digits are dropped
+/// here, so that every answer shows what is stored). Refused: a leap second
+/// (`23:59:60`, which PostgreSQL would store as the next second) and an
+/// instant outside years 1-9999 UTC (not writable back as RFC 3339).
+pub fn sent_at(value: &str) -> Result<DateTime<Utc>, ValidationError> {
+    let parsed = DateTime::parse_from_rfc3339(value)
+        .map_err(|e| invalid(format!("sent_at must be an RFC 3339 timestamp: {e}")))?
+        .with_timezone(&Utc);
+    if parsed.nanosecond() >= 1_000_000_000 {
+        return Err(invalid("sent_at must not be a leap second (:60)"));
+    }
+    if !(1..=9999).contains(&parsed.year()) {
+        return Err(invalid("sent_at must fall within the years 0001-9999 UTC"));
+    }
+    Ok(parsed.trunc_subsecs(6))
+}
+
 /// Validates a submitted message and turns it into a [`NewMessage`].
 pub fn message(input: MessageInput, limits: &Limits, now: DateTime<Utc>) -> Result<NewMessage, ValidationError> {
     creator_id(&input.creator_id)?;
@@ -166,15 +200,16 @@ pub fn message(input: MessageInput, limits: &Limits, now: DateTime<Utc>) -> Resu
                 text_field(name, value, max, false).map_err(|e| invalid(e.to_string()))?;
             }
         }
+        if let Some(url) = &visitor.avatar_url {
+            avatar_url(url)?;
+        }
     }
     if let Some(payload) = &input.raw_payload {
         raw_payload(payload)?;
     }
     let sent_at = match &input.sent_at {
         None => now,
-        Some(s) => DateTime::parse_from_rfc3339(s)
-            .map_err(|e| invalid(format!("sent_at must be an RFC 3339 timestamp: {e}")))?
-            .with_timezone(&Utc),
+        Some(s) => sent_at(s)?,
     };
     Ok(NewMessage {
         id: Uuid::now_v7(),
@@ -253,6 +288,46 @@ mod tests {
         let m = check(input("  Hi! ")).expect("valid");
         assert_eq!(m.text, "  Hi! ");
         assert_eq!(m.norm_key, text::norm_key("hi!"));
+    }
+
+    #[test]
+    fn sent_at_is_an_instant_to_the_microsecond_within_years_1_to_9999() {
+        let utc = |s: &str| sent_at(s).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
+        assert_eq!(utc("2026-11-25T10:00:00+01:00"), Ok("2026-11-25T09:00:00Z".into()));
+        assert_eq!(utc("2026-11-25T10:00:00.123456789Z"), Ok("2026-11-25T10:00:00.123456Z".into()));
+        assert_eq!(utc("9999-12-31T23:59:59.999999Z"), Ok("9999-12-31T23:59:59.999999Z".into()));
+        assert_eq!(utc("0001-01-01T00:00:00Z"), Ok("0001-01-01T00:00:00Z".into()));
+        for refused in [
+            "2016-12-31T23:59:60Z",
+            "0000-12-31T00:00:00Z",
+            "0001-01-01T00:00:00+00:01",
+            "9999-12-31T23:59:59-00:01",
+            "2026-11-25T10:00:00",
+            "2026-11-25",
+            "",
+        ] {
+            assert!(sent_at(refused).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn avatar_urls_are_http_or_https() {
+        for ok in ["https://cdn.example.com/a.png?s=64", "HTTP://x", "http://[::1]:8080/a"] {
+            assert_eq!(avatar_url(ok), Ok(()), "{ok}");
+        }
+        for refused in [
+            "",
+            "javascript:alert(1)",
+            "data:image/png;base64,AA",
+            "https://",
+            "https:///a",
+            "//x/a.png",
+            "https://a b",
+            "https://a\u{7}",
+            "ftp://x",
+        ] {
+            assert!(avatar_url(refused).is_err(), "{refused}");
+        }
     }
 
     #[test]

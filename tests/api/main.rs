@@ -9,6 +9,7 @@ mod events;
 mod fake_openai;
 mod faults;
 mod helpers;
+mod hostile;
 mod ingest;
 mod instances;
 mod model;
