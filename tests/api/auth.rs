@@ -103,20 +103,7 @@ async fn connect(app: &TestApp, token: &str, in_query: bool) -> WsClient {
 
 /// A digest of every row the API can change: equal digests, nothing changed.
 async fn fingerprint(app: &TestApp) -> String {
-    let mut parts = Vec::new();
-    for table in ["messages", "clusters", "events", "creators", "api_tokens"] {
-        let row = app
-            .db
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Postgres,
-                format!("SELECT count(*) || ':' || md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) AS f FROM {table} t"),
-            ))
-            .await
-            .expect("fingerprint query")
-            .expect("a row");
-        parts.push(format!("{table}={}", row.try_get::<String>("", "f").expect("a digest")));
-    }
-    parts.join(" ")
+    app.fingerprint(&["messages", "clusters", "events", "creators", "api_tokens"]).await
 }
 
 /// The creator the walk is about, and its data.

@@ -262,6 +262,21 @@ impl Subscriber {
 }
 
 /// Asserts the daemon's answer to a write while the database is down.
+/// The ids of the acknowledged answers; every other answer must be a clean
+/// 503 (never a 500, never a hang).
+fn acked_ids(answers: &[Answer]) -> BTreeSet<String> {
+    answers
+        .iter()
+        .filter_map(|answer| {
+            if answer.status == StatusCode::ACCEPTED {
+                return Some(answer.body["message_id"].as_str().expect("an ack carries the id").to_owned());
+            }
+            assert_unavailable(answer);
+            None
+        })
+        .collect()
+}
+
 fn assert_unavailable(answer: &Answer) {
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{answer:?}");
     assert_eq!(answer.body["error"]["code"], "unavailable", "{answer:?}");
@@ -313,16 +328,7 @@ async fn a_database_outage_answers_503_loses_nothing_and_the_daemon_recovers_by_
     let answers = stream.finish().await;
 
     // Every answer was an ack or a clean 503: never a 500, never a hang.
-    let acked: BTreeSet<String> = answers
-        .iter()
-        .filter_map(|answer| {
-            if answer.status == StatusCode::ACCEPTED {
-                return Some(answer.body["message_id"].as_str().expect("an ack carries the id").to_owned());
-            }
-            assert_unavailable(answer);
-            None
-        })
-        .collect();
+    let acked = acked_ids(&answers);
     let refused = answers.len() - acked.len();
     assert!(refused >= 8, "the stream met both outages: {refused} refused of {}", answers.len());
 
@@ -507,16 +513,7 @@ async fn a_database_that_hangs_answers_503_and_the_daemon_recovers_when_it_answe
     stream.wait_for(stream.len(), 50, StatusCode::ACCEPTED).await;
     let answers = stream.finish().await;
 
-    let acked: BTreeSet<String> = answers
-        .iter()
-        .filter_map(|answer| {
-            if answer.status == StatusCode::ACCEPTED {
-                return Some(answer.body["message_id"].as_str().expect("an ack carries the id").to_owned());
-            }
-            assert_unavailable(answer);
-            None
-        })
-        .collect();
+    let acked = acked_ids(&answers);
     for id in &acked {
         app.wait_clustered(id).await;
     }

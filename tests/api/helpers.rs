@@ -200,6 +200,25 @@ impl TestApp {
         u64::try_from(n).expect("a counter >= 0")
     }
 
+    /// A digest of every row of `tables`, with their counts: equal
+    /// fingerprints, nothing in them changed.
+    pub async fn fingerprint(&self, tables: &[&str]) -> String {
+        let mut parts = Vec::with_capacity(tables.len());
+        for table in tables {
+            let sql = format!(
+                "SELECT count(*) || ':' || md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) AS f FROM {table} t"
+            );
+            let row = self
+                .db
+                .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
+                .await
+                .expect("fingerprint query")
+                .expect("a row");
+            parts.push(format!("{table}={}", row.try_get::<String>("", "f").expect("a digest")));
+        }
+        parts.join(" ")
+    }
+
     /// Counts rows of a table matching a SQL condition.
     pub async fn count(&self, table: &str, condition: &str) -> i64 {
         let row = self
