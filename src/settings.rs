@@ -62,6 +62,7 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     pub idle_timeout_secs: u64,
     pub connect_timeout_secs: u64,
+    pub start_wait_secs: u64,
     pub statement_timeout_ms: u64,
 }
 

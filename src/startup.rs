@@ -24,7 +24,7 @@ use crate::{
     api::{self, ApiState},
     embedding::{EmbedCache, Provider},
     metrics::Metrics,
-    repository::{Repository, schema},
+    repository::{self, Repository, schema},
     settings::Settings,
 };
 
@@ -61,6 +61,30 @@ pub async fn stop_signal() -> std::io::Result<()> {
     tokio::signal::ctrl_c().await
 }
 
+/// Connects and migrates. A database that cannot be reached yet is waited
+/// for, with back-off, up to `database.start_wait_secs`; any other error
+/// stops the start at once.
+async fn connect_when_ready(settings: &Settings) -> anyhow::Result<sea_orm::DatabaseConnection> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(settings.database.start_wait_secs);
+    let mut pause = std::time::Duration::from_millis(250);
+    loop {
+        let attempt = async {
+            let db = schema::connect(&settings.database, &settings.index).await?;
+            schema::migrate(&db).await?;
+            Ok(db)
+        };
+        match attempt.await {
+            Ok(db) => return Ok(db),
+            Err(e) if repository::is_unavailable(&e) && std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = pause.as_millis(), "the database is unavailable; waiting for it");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).context("cannot connect to PostgreSQL and migrate (database.url)"),
+        }
+    }
+}
+
 pub struct Application {
     port: u16,
     server: Server,
@@ -77,10 +101,7 @@ impl Application {
     /// actix system.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         install_tls_provider();
-        let db = schema::connect(&settings.database, &settings.index)
-            .await
-            .context("cannot connect to PostgreSQL (database.url)")?;
-        schema::migrate(&db).await.context("migrations failed")?;
+        let db = connect_when_ready(&settings).await?;
         schema::pin_dimension(&db, settings.embedder.dimensions).await.context("embedding dimension")?;
         schema::sync_hnsw(&db, &settings.index).await.context("HNSW index")?;
         let repo = Repository::new(db).with_label_exact_max(settings.clustering.label_exact_max);

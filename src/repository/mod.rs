@@ -60,7 +60,7 @@ impl From<DbErr> for RepoError {
 
 /// Whether an error means "the database is not there right now" (connection
 /// lost, pool exhausted, server shutting down) rather than a bad query.
-fn is_unavailable(err: &DbErr) -> bool {
+pub fn is_unavailable(err: &DbErr) -> bool {
     let runtime = match err {
         DbErr::ConnectionAcquire(_) => return true,
         DbErr::Conn(e) | DbErr::Exec(e) | DbErr::Query(e) => e,

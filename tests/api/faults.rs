@@ -523,3 +523,59 @@ async fn a_database_that_hangs_answers_503_and_the_daemon_recovers_when_it_answe
         app.assert_cluster_invariants(creator).await;
     }
 }
+
+/// A daemon started while its database is down (as after a reboot, when
+/// the services come up in any order) waits for it instead of exiting, and
+/// serves once it is there.
+#[actix_web::test]
+async fn a_daemon_started_before_its_database_waits_for_it_and_then_serves() {
+    let pg = ScratchPg::start();
+    pg.down("fast").await;
+    let port = free_port();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_clusterd"))
+        .arg("serve")
+        .env("CLUSTERD_ENV", "test")
+        .env("CLUSTERD_CONFIG_DIR", "config")
+        .env("CLUSTERD__DATABASE__URL", pg.url())
+        .env("CLUSTERD__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the daemon starts");
+    // Its log, line by line, read off the test's runtime.
+    let (lines, mut log) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = daemon.stderr.take().expect("a piped stderr");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let waiting = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = log.recv().await {
+            if line.contains("the database is unavailable; waiting for it") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(waiting, Ok(true), "the daemon says it waits for the database");
+    assert!(daemon.try_wait().expect("the daemon's status").is_none(), "the daemon exited instead of waiting");
+
+    pg.up_async().await;
+    let client = awc::Client::default();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let message = json!({"creator_id": "c1", "text": "are you open on sundays"});
+        let answer = client.post(format!("http://127.0.0.1:{port}/v1/messages")).send_json(&message).await;
+        if answer.is_ok_and(|r| r.status() == StatusCode::ACCEPTED) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the daemon did not serve once its database was up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.kill().expect("stop the daemon");
+    daemon.wait().expect("the daemon exits");
+}
