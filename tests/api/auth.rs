@@ -86,6 +86,24 @@ async fn wait_cluster_of(app: &TestApp, message_id: &str) -> String {
     }
 }
 
+/// One token of each scope the walks use.
+struct Tokens {
+    admin: String,
+    ingest: String,
+    creator: String,
+    /// Another creator's.
+    other: String,
+}
+
+async fn tokens(app: &TestApp) -> Tokens {
+    Tokens {
+        admin: token_for(app, Scope::Admin).await.0,
+        ingest: token_for(app, Scope::Ingest).await.0,
+        creator: token_for(app, Scope::Creator(CREATOR.into())).await.0,
+        other: token_for(app, Scope::Creator(OTHER.into())).await.0,
+    }
+}
+
 /// Opens a WebSocket with the token in the header or the query string.
 async fn connect(app: &TestApp, token: &str, in_query: bool) -> WsClient {
     let (url, header) = if in_query {
@@ -169,10 +187,7 @@ impl Route {
 #[actix_web::test]
 async fn every_route_refuses_missing_wrong_revoked_and_out_of_scope_tokens_and_changes_nothing() {
     let app = spawn_app_with(with_auth).await;
-    let (admin, _) = token_for(&app, Scope::Admin).await;
-    let (ingest, _) = token_for(&app, Scope::Ingest).await;
-    let (creator, _) = token_for(&app, Scope::Creator(CREATOR.into())).await;
-    let (other, _) = token_for(&app, Scope::Creator(OTHER.into())).await;
+    let Tokens { admin, ingest, creator, other } = tokens(&app).await;
     let (revoked, revoked_id) = token_for(&app, Scope::Admin).await;
     Repository::new(app.db.clone()).revoke_token(revoked_id).await.expect("revoke");
     let (wrong, _) = token::generate(); // never stored
@@ -303,10 +318,7 @@ fn frames(f: &Fixture) -> Vec<(&'static str, Value)> {
 #[actix_web::test]
 async fn every_websocket_frame_is_checked_against_the_connection_token() {
     let app = spawn_app_with(with_auth).await;
-    let (admin, _) = token_for(&app, Scope::Admin).await;
-    let (ingest, _) = token_for(&app, Scope::Ingest).await;
-    let (creator, _) = token_for(&app, Scope::Creator(CREATOR.into())).await;
-    let (other, _) = token_for(&app, Scope::Creator(OTHER.into())).await;
+    let Tokens { admin, ingest, creator, other } = tokens(&app).await;
     let f = fixture(&app, &admin).await;
     let before = fingerprint(&app).await;
 

@@ -44,6 +44,22 @@ async fn raw_ws(app: &TestApp, small_window: bool) -> TcpStream {
     stream
 }
 
+/// A WebSocket client with a small receive window, subscribed to `creator`:
+/// once it stops reading, its buffers fill soon.
+async fn subscribed_with_small_window(app: &TestApp, creator: &str) -> actix_codec::Framed<TcpStream, ws::Codec> {
+    let codec = ws::Codec::new().client_mode().max_size(1 << 20);
+    let mut client = actix_codec::Framed::new(raw_ws(app, true).await, codec);
+    client
+        .send(ws::Message::Text(json!({"type": "subscribe", "creator_id": creator}).to_string().into()))
+        .await
+        .expect("sent");
+    match client.next().await.expect("a reply").expect("a frame") {
+        ws::Frame::Text(text) => assert_eq!(serde_json::from_slice::<Value>(&text).unwrap()["type"], "subscribed"),
+        other => panic!("expected `subscribed`, got {other:?}"),
+    }
+    client
+}
+
 /// Reads until the server closes the connection; returns what it sent.
 async fn read_to_eof(stream: &mut TcpStream) -> Vec<u8> {
     let mut received = Vec::new();
@@ -91,15 +107,7 @@ async fn a_subscriber_that_stops_reading_is_closed_with_1013_and_resumes_without
     .await;
     let creator = "creator-slow";
 
-    let codec = ws::Codec::new().client_mode().max_size(1 << 20);
-    let mut slow = actix_codec::Framed::new(raw_ws(&app, true).await, codec);
-    slow.send(ws::Message::Text(json!({"type": "subscribe", "creator_id": creator}).to_string().into()))
-        .await
-        .expect("sent");
-    match slow.next().await.expect("a reply").expect("a frame") {
-        ws::Frame::Text(text) => assert_eq!(serde_json::from_slice::<Value>(&text).unwrap()["type"], "subscribed"),
-        other => panic!("expected `subscribed`, got {other:?}"),
-    }
+    let mut slow = subscribed_with_small_window(&app, creator).await;
     // From here on `slow` is not read until the server has given up on it.
 
     let seen: Rc<RefCell<Vec<Value>>> = Rc::default();
@@ -181,13 +189,7 @@ async fn a_subscriber_that_stops_reading_is_dropped_after_the_client_timeout() {
     })
     .await;
     let creator = "creator-stalled";
-    let codec = ws::Codec::new().client_mode().max_size(1 << 20);
-    let mut stalled = actix_codec::Framed::new(raw_ws(&app, true).await, codec);
-    stalled
-        .send(ws::Message::Text(json!({"type": "subscribe", "creator_id": creator}).to_string().into()))
-        .await
-        .expect("sent");
-    assert!(matches!(stalled.next().await, Some(Ok(ws::Frame::Text(_)))), "subscribed");
+    let mut stalled = subscribed_with_small_window(&app, creator).await;
 
     // It keeps pinging, so it is not silent, but never reads: once its
     // buffers are full the session cannot send, and must not wait forever.
