@@ -8,7 +8,7 @@
 #                    of the daemon, then SQL checks (loadtest/crash.sh)
 #   make bench       criterion benchmark of the local embedding model
 #   make loadtest    load test against a fresh daemon (LOADTEST_ARGS=...)
-#   make eval        clustering quality on a labelled data set (EVAL_DATA=...)
+#   make eval        clustering quality on the labelled sets (EVAL_DATA=...)
 #   make stack-up    start / verify the local stack only (scripts/stack.sh up)
 #   make stack-down  stop it (data kept in .stack/pgdata)
 #   make stack-status
@@ -50,9 +50,9 @@ test: stack-up
 	else \
 		cargo test --workspace; \
 	fi
-	@# Crash safety with the real binaries (dev profile: shares the test
-	@# build's dependencies, so loadtest is the only extra build).
-	cargo build -p clusterd -p loadtest --bin clusterd --bin loadtest
+	@# Crash safety with the real binaries: target/debug/clusterd and
+	@# loadtest, which the test run built (with the test build's features;
+	@# a plain `cargo build` would rebuild half the tree with other ones).
 	loadtest/crash.sh --duration 15 --kills 2
 
 # The long crash test: a steady stream for 60 s while the daemon is killed
@@ -93,11 +93,15 @@ loadtest: stack-up
 	loadtest/bench.sh $(LOADTEST_ARGS)
 
 # Clustering quality through the real API (loadtest/eval.sh; see
-# BENCHMARKS.md, "Clustering quality"): a fresh daemon and database, the
-# labelled DATA sent into one creator, the clusters scored against the
-# labels. Offline references and threshold sweeps: target/release/clusterd-eval --help.
-EVAL_DATA ?= loadtest/data/clinc150/test.jsonl
+# BENCHMARKS.md, "Precision first"): for each labelled set, a fresh daemon
+# and database, the set sent into one creator in 5 shuffled orders (a new
+# creator each), the clusters and memberships scored against the labels;
+# then the rule against the offline references and other rules at matched
+# V (clusterd-eval compare). One set: make eval EVAL_DATA=loadtest/data/hwu64/test.jsonl
+EVAL_DATA ?= loadtest/data/clinc150/test.jsonl loadtest/data/hwu64/test.jsonl \
+	loadtest/data/insurance_dstc11/test.jsonl loadtest/data/customer_support_bitext/test.jsonl
 .PHONY: eval
 eval: stack-up
 	cargo build --release -p clusterd -p loadtest
-	loadtest/eval.sh $(EVAL_DATA)
+	for data in $(EVAL_DATA); do loadtest/eval.sh $$data --seeds 5; done
+	$(WITH_STACK_ENV) target/release/clusterd-eval compare $(EVAL_DATA)

@@ -65,8 +65,10 @@ CREATE FUNCTION pg_temp.embedding(ci int, ni int) RETURNS vector LANGUAGE sql ST
 $$ SELECT l2_normalize((SELECT v FROM centre WHERE i = ci) + (SELECT v FROM noise WHERE i = ni)) $$;
 
 \echo clusters...
-INSERT INTO clusters (id, creator_id, status, size, label, centroid, response_text, actioned_at, created_at, updated_at)
-SELECT cl.id, :'prefix' || cl.c, CASE WHEN cl.actioned THEN 'actioned' ELSE 'open' END, cl.size, q.text, s.centroid,
+INSERT INTO clusters (id, creator_id, status, size, core_size, label, centroid, response_text, actioned_at,
+                      created_at, updated_at)
+SELECT cl.id, :'prefix' || cl.c, CASE WHEN cl.actioned THEN 'actioned' ELSE 'open' END, cl.size, cl.size, q.text,
+       s.centroid,
        CASE WHEN cl.actioned THEN 'Thanks for asking! About "' || q.text || '": see the pinned post.' END,
        CASE WHEN cl.actioned THEN now() - cl.newest + interval '10 minutes' END,
        now() - cl.oldest,
@@ -78,12 +80,16 @@ ORDER BY cl.oldest DESC, cl.c;
 
 \echo messages...
 INSERT INTO messages (id, creator_id, external_id, text, norm_key, visitor, sent_at, received_at, status,
-                      cluster_id, embedding)
+                      cluster_id, membership, similarity, embedding)
 SELECT uuidv7(-m.age), :'prefix' || m.c, 'h-' || m.n, m.text,
        sha256(convert_to(lower(regexp_replace(btrim(m.text), '\s+', ' ', 'g')), 'UTF8')),
        jsonb_build_object('id', 'v' || (m.n * 7 + m.c) % 10000), now() - m.age, now() - m.age, 'clustered',
-       m.cluster_id, pg_temp.embedding(m.ci, m.ni)
+       m.cluster_id, 'core', 0.9, pg_temp.embedding(m.ci, m.ni)
 FROM (SELECT * FROM member ORDER BY n DESC, c) AS m;
 
-INSERT INTO creators (creator_id, last_event_id)
-SELECT :'prefix' || c, :per_creator + count(*) FILTER (WHERE actioned) FROM cl GROUP BY c;
+INSERT INTO creators (creator_id, last_event_id, background_sum, background_count)
+SELECT :'prefix' || c, :per_creator + count(*) FILTER (WHERE actioned), NULL, 0 FROM cl GROUP BY c;
+-- Each creator's background: the sum of its messages' embeddings.
+UPDATE creators r SET background_sum = b.total, background_count = b.n
+FROM (SELECT creator_id, sum(embedding) AS total, count(*) AS n FROM messages GROUP BY creator_id) AS b
+WHERE b.creator_id = r.creator_id;

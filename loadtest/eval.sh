@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Clustering quality through the real API: a fresh database and a fresh
 # release daemon (config/default.toml: the local model, Redis when the stack
-# runs it), then `clusterd-eval api` sends DATA into one creator and scores
-# the clusters it reads back. See BENCHMARKS.md ("Clustering quality").
+# runs it), then `clusterd-eval api` sends DATA into a fresh creator per
+# order and scores the clusters and memberships it reads back. See
+# BENCHMARKS.md ("Precision first").
 #
 #   cargo build --release -p clusterd -p loadtest
-#   loadtest/eval.sh loadtest/data/clinc150/test.jsonl [--seed N]
+#   loadtest/eval.sh loadtest/data/clinc150/test.jsonl [--seeds 5] [--seed N] [--file-order]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [[ $# -ge 1 ]] || { echo "usage: loadtest/eval.sh DATA.jsonl [clusterd-eval api options]" >&2; exit 2; }

@@ -138,6 +138,34 @@ pub enum BatchItemResult {
     Err { error: ErrorBody },
 }
 
+/// How a clustered message belongs to its cluster (SPEC, "Precision
+/// first"): a reply to the cluster answers its `core` members; a `review`
+/// member joined on weaker evidence and waits for the creator to confirm
+/// or remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Membership {
+    Core,
+    Review,
+}
+
+impl Membership {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Core => "core",
+            Self::Review => "review",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "core" => Some(Self::Core),
+            "review" => Some(Self::Review),
+            _ => None,
+        }
+    }
+}
+
 /// A stored message as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessageView {
@@ -148,6 +176,14 @@ pub struct MessageView {
     pub visitor: Option<Visitor>,
     pub status: MessageStatus,
     pub cluster_id: Option<Uuid>,
+    /// How it belongs to its cluster; null until clustered.
+    #[serde(default)]
+    pub membership: Option<Membership>,
+    /// Its average cosine similarity to the cluster's core members when it
+    /// was placed (1 for the message that opened the cluster); null until
+    /// clustered.
+    #[serde(default)]
+    pub similarity: Option<f32>,
     pub sent_at: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,7 +221,11 @@ pub struct ClusterView {
     pub id: Uuid,
     pub creator_id: String,
     pub status: ClusterStatus,
+    /// Members, core and review.
     pub size: i32,
+    /// Members a reply answers.
+    #[serde(default)]
+    pub core_size: i32,
     pub label: String,
     pub response_text: Option<String>,
     pub suggested_response: Option<String>,

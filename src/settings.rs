@@ -152,11 +152,14 @@ pub struct ClusteringSettings {
     pub queue_capacity: usize,
     pub trigram_threshold: f32,
     pub trigram_members: usize,
-    pub vector_threshold: f32,
-    pub vector_z: f32,
-    pub min_reference_clusters: usize,
-    pub cold_threshold: f32,
-    pub sure_threshold: f32,
+    pub core_threshold: f32,
+    pub review_threshold: f32,
+    pub background_prior: f32,
+    pub background_prior_pairs: f32,
+    pub learning_rate: f32,
+    pub learning_margin: f32,
+    pub min_bar_offset: f32,
+    pub max_bar_offset: f32,
     pub suggest_threshold: f32,
     pub label_exact_max: i64,
     pub cached_creators: usize,
@@ -288,13 +291,26 @@ impl Settings {
             return invalid("clustering.trigram_threshold must be between 0 and 1");
         }
         let c = &self.clustering;
-        if ![c.vector_threshold, c.cold_threshold, c.suggest_threshold].iter().all(|t| (-1.0..=1.0).contains(t)) {
+        if ![c.core_threshold, c.background_prior, c.suggest_threshold].iter().all(|t| (-1.0..=1.0).contains(t))
+            || !c.review_threshold.is_finite()
+        {
             return invalid(
-                "clustering.vector_threshold, cold_threshold and suggest_threshold must be between -1 and 1",
+                "clustering.core_threshold, background_prior and suggest_threshold must be between -1 and 1, \
+                 review_threshold a number",
             );
         }
-        if !c.vector_z.is_finite() || c.vector_z < 0.0 {
-            return invalid("clustering.vector_z must be a non-negative number");
+        if !(c.background_prior_pairs.is_finite() && c.background_prior_pairs >= 0.0)
+            || !(0.0..=1.0).contains(&c.learning_rate)
+            || !(c.learning_margin.is_finite() && c.learning_margin >= 0.0)
+            || !(c.min_bar_offset <= 0.0
+                && c.max_bar_offset >= 0.0
+                && c.max_bar_offset.is_finite()
+                && c.min_bar_offset.is_finite())
+        {
+            return invalid(
+                "clustering.background_prior_pairs and learning_margin must be >= 0, learning_rate within 0..1, \
+                 min_bar_offset <= 0 <= max_bar_offset",
+            );
         }
         if c.cached_creators == 0 || c.label_exact_max < 1 {
             return invalid("clustering.cached_creators and clustering.label_exact_max must be at least 1");

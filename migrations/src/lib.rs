@@ -10,6 +10,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_init;
 mod m20261126_000001_tokens;
+mod m20261202_000001_membership;
 
 /// Every migration of clusterd, in order.
 pub struct Migrator;
@@ -17,6 +18,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261125_000001_init::Migration), Box::new(m20261126_000001_tokens::Migration)]
+        vec![
+            Box::new(m20261125_000001_init::Migration),
+            Box::new(m20261126_000001_tokens::Migration),
+            Box::new(m20261202_000001_membership::Migration),
+        ]
     }
 }

@@ -10,9 +10,12 @@ pub struct Model {
     pub creator_id: String,
     /// `open` | `actioned`.
     pub status: String,
+    /// Members, core and review.
     pub size: i32,
+    /// Members a reply answers.
+    pub core_size: i32,
     pub label: String,
-    /// Sum of the member embeddings (the direction of their mean).
+    /// Sum of the core members' embeddings (the direction of their mean).
     pub centroid: PgVector,
     pub response_text: Option<String>,
     pub suggested_response: Option<String>,

@@ -2,8 +2,6 @@
 
 use sea_orm::entity::prelude::*;
 
-use crate::protocol::{MessageStatus, MessageView, Visitor};
-
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(table_name = "messages")]
 pub struct Model {
@@ -22,6 +20,9 @@ pub struct Model {
     pub status: String,
     pub error: Option<String>,
     pub cluster_id: Option<Uuid>,
+    /// `core` | `review` once clustered.
+    pub membership: Option<String>,
+    pub similarity: Option<f32>,
     pub embedding: Option<PgVector>,
 }
 
@@ -38,33 +39,3 @@ impl Related<super::cluster::Entity> for Entity {
 }
 
 impl ActiveModelBehavior for ActiveModel {}
-
-/// Builds the API view of a message from its columns.
-#[allow(clippy::too_many_arguments)]
-pub fn view(
-    id: Uuid,
-    creator_id: &str,
-    external_id: Option<String>,
-    text: &str,
-    visitor: Option<Json>,
-    status: &str,
-    cluster_id: Option<Uuid>,
-    sent_at: DateTimeUtc,
-    received_at: DateTimeUtc,
-    error: Option<String>,
-) -> MessageView {
-    // The schema's CHECK constraint admits only the four statuses.
-    let status = MessageStatus::parse(status).unwrap_or(MessageStatus::Pending);
-    MessageView {
-        id,
-        creator_id: creator_id.to_owned(),
-        external_id,
-        text: text.to_owned(),
-        visitor: visitor.and_then(|v| serde_json::from_value::<Visitor>(v).ok()),
-        status,
-        cluster_id,
-        sent_at,
-        received_at,
-        error: if status == MessageStatus::Failed { error } else { None },
-    }
-}

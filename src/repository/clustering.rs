@@ -9,12 +9,14 @@
 //! 2. read each creator's last event id: every change to a creator's
 //!    clusters appends an event, so an index built at that id is current,
 //!    and any other (an operation, another instance) is rebuilt from the
-//!    database;
+//!    database, with the creator's background and bar offset;
 //! 3. decide every message in arrival order, updating the index as it
 //!    goes;
 //! 4. write the outcome with a fixed number of statements, whatever the
 //!    group's size: new clusters (with their suggested response), joined
-//!    clusters' sizes and centroids, the messages, the labels, the events.
+//!    clusters' sizes and core centroids, the messages (with their
+//!    membership and similarity), the creators' backgrounds, the labels,
+//!    the events.
 //!
 //! On any error the caller drops the group's indexes: they may hold
 //! decisions that were rolled back.
@@ -38,8 +40,8 @@ use super::{
     stmt, text_array, uuid_array,
 };
 use crate::{
-    clustering::{CreatorIndex, OpenCluster, Params, Reason, trigram::Trigrams},
-    protocol::{ClusterView, EventKind, MessageStatus},
+    clustering::{Background, CreatorIndex, OpenCluster, Params, Reason, trigram::Trigrams, unit},
+    protocol::{ClusterView, EventKind, Membership, MessageStatus},
 };
 
 /// What the decision needs besides the rule's parameters.
@@ -52,12 +54,12 @@ pub struct DecideConfig {
 }
 
 /// The messages of the group that still need a decision, locked, each with
-/// an open cluster of its creator that holds the same normalised text.
+/// an open cluster of its creator whose core holds the same normalised text.
 pub const LOAD: &str = r#"
-SELECT m.id, m.creator_id, m.external_id, m.text, m.visitor, m.status, m.cluster_id, m.sent_at,
-       m.received_at, m.error, m.norm_key, m.embedding,
+SELECT m.id, m.creator_id, m.external_id, m.text, m.visitor, m.status, m.cluster_id, m.membership,
+       m.similarity, m.sent_at, m.received_at, m.error, m.norm_key, m.embedding,
        (SELECT e.cluster_id FROM messages e JOIN clusters c ON c.id = e.cluster_id AND c.status = 'open'
-         WHERE e.creator_id = m.creator_id AND e.norm_key = m.norm_key
+         WHERE e.creator_id = m.creator_id AND e.norm_key = m.norm_key AND e.membership = 'core'
          ORDER BY e.id LIMIT 1) AS exact_id
 FROM messages m
 WHERE m.id = ANY($1) AND m.status = 'embedded' AND m.cluster_id IS NULL
@@ -67,16 +69,17 @@ FOR UPDATE OF m
 
 /// A creator's open clusters, to rebuild its index.
 pub const LOAD_OPEN: &str = r#"
-SELECT id, creator_id, centroid, size FROM clusters
+SELECT id, creator_id, centroid, size, core_size FROM clusters
 WHERE creator_id = ANY($1) AND status = 'open'
 ORDER BY creator_id, id
 "#;
 
-/// The most recent members' texts of the given clusters, newest first.
+/// The most recent core members' texts of the given clusters, newest first.
 const LOAD_RECENT: &str = r#"
 SELECT c.id AS cluster_id, r.text
 FROM unnest($1::uuid[]) AS c(id)
-CROSS JOIN LATERAL (SELECT text, id FROM messages WHERE cluster_id = c.id ORDER BY id DESC LIMIT $2) AS r
+CROSS JOIN LATERAL (SELECT text, id FROM messages WHERE cluster_id = c.id AND membership = 'core'
+                    ORDER BY id DESC LIMIT $2) AS r
 ORDER BY c.id, r.id DESC
 "#;
 
@@ -114,6 +117,16 @@ struct OpenRow {
     creator_id: String,
     centroid: PgVector,
     size: i32,
+    core_size: i32,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct CreatorRow {
+    creator_id: String,
+    last_event_id: i64,
+    background_sum: Option<PgVector>,
+    background_count: i64,
+    bar_offset: f32,
 }
 
 /// What a group's transaction did, for the metrics.
@@ -133,16 +146,41 @@ struct NewCluster {
     id: Uuid,
     creator_id: String,
     label: String,
-    /// Members from this group, and the sum of their embeddings.
-    size: i32,
-    centroid: Vec<f32>,
+    /// Members from this group, and the sum of the core members'
+    /// embeddings.
+    growth: Growth,
     suggested_response: Option<String>,
+}
+
+/// Members a group adds to one cluster.
+#[derive(Debug, Clone)]
+struct Growth {
+    size: i32,
+    core_size: i32,
+    /// Sum of the added core members' embeddings.
+    core_sum: Vec<f32>,
+}
+
+impl Growth {
+    fn empty(dimensions: usize) -> Self {
+        Self { size: 0, core_size: 0, core_sum: vec![0.0; dimensions] }
+    }
+
+    fn add(&mut self, embedding: &[f32], membership: Membership) {
+        self.size += 1;
+        if membership == Membership::Core {
+            self.core_size += 1;
+            self.core_sum.iter_mut().zip(embedding).for_each(|(s, x)| *s += x);
+        }
+    }
 }
 
 /// One message's outcome, in arrival order.
 struct Outcome {
     message: MessageRow,
     cluster_id: Uuid,
+    membership: Membership,
+    similarity: f32,
     created: bool,
 }
 
@@ -181,9 +219,10 @@ impl Repository {
         let mut outcomes = Vec::with_capacity(loaded.len());
         let mut decisions = Vec::with_capacity(loaded.len());
         let mut created: Vec<NewCluster> = Vec::new();
-        // Joins per existing cluster: members added and the sum of their
-        // embeddings.
-        let mut joined: BTreeMap<Uuid, (i32, Vec<f32>)> = BTreeMap::new();
+        // Joins per existing cluster.
+        let mut joined: BTreeMap<Uuid, Growth> = BTreeMap::new();
+        // What the group adds to each creator's background.
+        let mut backgrounds: BTreeMap<String, Background> = BTreeMap::new();
         // Exact texts decided in this group (the database knows the rest).
         let mut group_texts: HashMap<(String, Vec<u8>), Uuid> = HashMap::new();
         for message in loaded {
@@ -198,50 +237,70 @@ impl Repository {
             let started = std::time::Instant::now();
             let decision = index.decide(exact, &trigrams, &embedding, params);
             decisions.push((decision.reason, started.elapsed().as_secs_f64()));
+            let unit = unit(&embedding);
+            index.background.observe(&unit);
+            backgrounds.entry(creator.clone()).or_default().observe(&unit);
+            let membership = decision.membership;
             let cluster_id = match decision.cluster {
                 Some(id) => {
-                    index.join(id, &embedding, trigrams, params.trigram_members);
-                    let (size, sum) = match created.iter_mut().find(|c| c.id == id) {
-                        Some(new) => (&mut new.size, &mut new.centroid),
-                        None => {
-                            let entry = joined.entry(id).or_insert_with(|| (0, vec![0.0; embedding.len()]));
-                            (&mut entry.0, &mut entry.1)
-                        }
-                    };
-                    *size += 1;
-                    sum.iter_mut().zip(&embedding).for_each(|(s, x)| *s += x);
+                    index.join(id, &embedding, trigrams, membership, params.trigram_members);
+                    match created.iter_mut().find(|c| c.id == id) {
+                        Some(new) => new.growth.add(&embedding, membership),
+                        None => joined
+                            .entry(id)
+                            .or_insert_with(|| Growth::empty(embedding.len()))
+                            .add(&embedding, membership),
+                    }
                     id
                 }
                 None => {
-                    let mut cluster = OpenCluster::new(Uuid::now_v7(), embedding.clone(), 1);
+                    let mut cluster = OpenCluster::new(Uuid::now_v7(), embedding.clone(), 1, 1);
                     cluster.remember(trigrams, params.trigram_members);
                     let id = cluster.id;
                     index.insert(cluster);
+                    let mut growth = Growth::empty(embedding.len());
+                    growth.add(&embedding, Membership::Core);
                     created.push(NewCluster {
                         id,
                         creator_id: creator,
                         label: message.row.text.clone(),
-                        size: 1,
-                        centroid: embedding,
+                        growth,
                         suggested_response: None,
                     });
                     id
                 }
             };
             tracing::trace!(message_id = %message.row.id, %cluster_id, reason = ?decision.reason, "decided");
-            group_texts.entry(text_key).or_insert(cluster_id);
-            outcomes.push(Outcome { message: message.row, cluster_id, created: decision.reason == Reason::New });
+            // Only a core member's text is an exact match for later messages.
+            if membership == Membership::Core {
+                group_texts.entry(text_key).or_insert(cluster_id);
+            }
+            outcomes.push(Outcome {
+                message: message.row,
+                cluster_id,
+                membership,
+                similarity: decision.similarity,
+                created: decision.reason == Reason::New,
+            });
         }
 
         suggest(&tx, &mut created, config.suggest_threshold).await?;
         write_clusters(&tx, &created, &joined, now).await?;
         let touched: Vec<Uuid> = created.iter().map(|c| c.id).chain(joined.keys().copied()).collect();
         tx.execute_raw(stmt(
-            "UPDATE messages m SET status = 'clustered', cluster_id = a.cluster_id
-             FROM unnest($1::uuid[], $2::uuid[]) AS a(id, cluster_id) WHERE m.id = a.id",
-            [uuid_array(outcomes.iter().map(|o| o.message.id)), uuid_array(outcomes.iter().map(|o| o.cluster_id))],
+            "UPDATE messages m SET status = 'clustered', cluster_id = a.cluster_id, membership = a.membership,
+                                   similarity = a.similarity
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::real[]) AS a(id, cluster_id, membership, similarity)
+             WHERE m.id = a.id",
+            [
+                uuid_array(outcomes.iter().map(|o| o.message.id)),
+                uuid_array(outcomes.iter().map(|o| o.cluster_id)),
+                text_array(outcomes.iter().map(|o| o.membership.as_str())),
+                real_array(outcomes.iter().map(|o| o.similarity)),
+            ],
         ))
         .await?;
+        add_backgrounds(&tx, &backgrounds).await?;
         refresh_labels(&tx, &touched, self.label_exact_max).await?;
         let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = ANY($1)");
         let rows: HashMap<Uuid, ClusterView> = ClusterRow::find_by_statement(stmt(&sql, [uuid_array(touched)]))
@@ -272,20 +331,30 @@ async fn sync_indexes(
     params: &Params,
 ) -> Result<usize, DbErr> {
     let creators: Vec<&String> = dimensions.keys().collect();
-    let versions: HashMap<String, i64> = tx
-        .query_all_raw(stmt(
-            "SELECT creator_id, last_event_id FROM creators WHERE creator_id = ANY($1)",
-            [text_array(creators.iter().map(|c| c.as_str()))],
-        ))
-        .await?
-        .iter()
-        .map(|row| Ok((row.try_get("", "creator_id")?, row.try_get("", "last_event_id")?)))
-        .collect::<Result<_, DbErr>>()?;
+    let mut rows: HashMap<String, CreatorRow> = CreatorRow::find_by_statement(stmt(
+        "SELECT creator_id, last_event_id, background_sum, background_count, bar_offset
+         FROM creators WHERE creator_id = ANY($1)",
+        [text_array(creators.iter().map(|c| c.as_str()))],
+    ))
+    .all(tx)
+    .await?
+    .into_iter()
+    .map(|row| (row.creator_id.clone(), row))
+    .collect();
     let mut stale: Vec<&str> = Vec::new();
     for creator in creators {
-        let version = versions.get(creator).copied().unwrap_or(0);
+        let row = rows.remove(creator.as_str());
+        let version = row.as_ref().map_or(0, |r| r.last_event_id);
         if indexes.get(creator).is_none_or(|index| index.version != version) {
-            indexes.put(creator.clone(), CreatorIndex::new(version, dimensions[creator]));
+            let mut index = CreatorIndex::new(version, dimensions[creator]);
+            if let Some(row) = row {
+                index.bar_offset = row.bar_offset;
+                index.background = Background {
+                    sum: row.background_sum.map(|v| v.to_vec()).unwrap_or_default(),
+                    count: row.background_count,
+                };
+            }
+            indexes.put(creator.clone(), index);
             stale.push(creator);
         }
     }
@@ -308,7 +377,8 @@ async fn sync_indexes(
     }
     for row in open {
         let Some(index) = indexes.get_mut(&row.creator_id) else { continue };
-        let mut cluster = OpenCluster::new(row.id, row.centroid.to_vec(), i64::from(row.size));
+        let mut cluster =
+            OpenCluster::new(row.id, row.centroid.to_vec(), i64::from(row.core_size), i64::from(row.size));
         // Newest first from the database; remembered oldest first.
         for trigrams in recent.remove(&row.id).unwrap_or_default().into_iter().rev() {
             cluster.remember(trigrams, params.trigram_members);
@@ -331,7 +401,7 @@ async fn suggest(tx: &DatabaseTransaction, created: &mut [NewCluster], threshold
             SUGGEST,
             [
                 text_array(created.iter().map(|c| c.creator_id.clone())),
-                text_array(created.iter().map(|c| vector_literal(&c.centroid))),
+                text_array(created.iter().map(|c| vector_literal(&c.growth.core_sum))),
                 threshold.into(),
             ],
         ))
@@ -350,22 +420,24 @@ async fn suggest(tx: &DatabaseTransaction, created: &mut [NewCluster], threshold
 async fn write_clusters(
     tx: &DatabaseTransaction,
     created: &[NewCluster],
-    joined: &BTreeMap<Uuid, (i32, Vec<f32>)>,
+    joined: &BTreeMap<Uuid, Growth>,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
     if !created.is_empty() {
         tx.execute_raw(stmt(
-            "INSERT INTO clusters (id, creator_id, status, size, label, centroid, suggested_response,
+            "INSERT INTO clusters (id, creator_id, status, size, core_size, label, centroid, suggested_response,
                                    created_at, updated_at)
-             SELECT n.id, n.creator_id, 'open', n.size, n.label, n.centroid::vector, NULLIF(n.suggested, ''), $7, $7
-             FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[])
-                  AS n(id, creator_id, size, label, centroid, suggested)",
+             SELECT n.id, n.creator_id, 'open', n.size, n.core_size, n.label, n.centroid::vector,
+                    NULLIF(n.suggested, ''), $8, $8
+             FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[], $7::text[])
+                  AS n(id, creator_id, size, core_size, label, centroid, suggested)",
             [
                 uuid_array(created.iter().map(|c| c.id)),
                 text_array(created.iter().map(|c| c.creator_id.clone())),
-                int_array(created.iter().map(|c| c.size)),
+                int_array(created.iter().map(|c| c.growth.size)),
+                int_array(created.iter().map(|c| c.growth.core_size)),
                 text_array(created.iter().map(|c| c.label.clone())),
-                text_array(created.iter().map(|c| vector_literal(&c.centroid))),
+                text_array(created.iter().map(|c| vector_literal(&c.growth.core_sum))),
                 // '' for none (a response is never empty); sea-query
                 // cannot bind NULL elements of an array.
                 text_array(created.iter().map(|c| c.suggested_response.clone().unwrap_or_default())),
@@ -376,18 +448,40 @@ async fn write_clusters(
     }
     if !joined.is_empty() {
         tx.execute_raw(stmt(
-            "UPDATE clusters c SET size = c.size + a.n, centroid = c.centroid + a.delta::vector, updated_at = $4
-             FROM unnest($1::uuid[], $2::int[], $3::text[]) AS a(id, n, delta)
+            "UPDATE clusters c SET size = c.size + a.n, core_size = c.core_size + a.core_n,
+                                   centroid = c.centroid + a.delta::vector, updated_at = $5
+             FROM unnest($1::uuid[], $2::int[], $3::int[], $4::text[]) AS a(id, n, core_n, delta)
              WHERE c.id = a.id",
             [
                 uuid_array(joined.keys().copied()),
-                int_array(joined.values().map(|(n, _)| *n)),
-                text_array(joined.values().map(|(_, delta)| vector_literal(delta))),
+                int_array(joined.values().map(|g| g.size)),
+                int_array(joined.values().map(|g| g.core_size)),
+                text_array(joined.values().map(|g| vector_literal(&g.core_sum))),
                 now.into(),
             ],
         ))
         .await?;
     }
+    Ok(())
+}
+
+/// Adds the group's messages to their creators' backgrounds.
+async fn add_backgrounds(tx: &DatabaseTransaction, backgrounds: &BTreeMap<String, Background>) -> Result<(), DbErr> {
+    if backgrounds.is_empty() {
+        return Ok(());
+    }
+    tx.execute_raw(stmt(
+        "UPDATE creators c SET background_sum = COALESCE(c.background_sum + a.delta::vector, a.delta::vector),
+                               background_count = c.background_count + a.n
+         FROM unnest($1::text[], $2::text[], $3::bigint[]) AS a(creator_id, delta, n)
+         WHERE c.creator_id = a.creator_id",
+        [
+            text_array(backgrounds.keys().cloned()),
+            text_array(backgrounds.values().map(|b| vector_literal(&b.sum))),
+            bigint_array(backgrounds.values().map(|b| b.count)),
+        ],
+    ))
+    .await?;
     Ok(())
 }
 
@@ -411,6 +505,8 @@ fn drafts(outcomes: Vec<Outcome>, rows: &HashMap<Uuid, ClusterView>) -> Result<B
         let mut message = o.message.view();
         message.status = MessageStatus::Clustered;
         message.cluster_id = Some(o.cluster_id);
+        message.membership = Some(o.membership);
+        message.similarity = Some(o.similarity);
         let kind = if o.created { EventKind::ClusterCreated } else { EventKind::ClusterUpdated };
         drafts
             .entry(cluster.creator_id.clone())
@@ -436,6 +532,14 @@ fn vector_literal(v: &[f32]) -> String {
 
 fn int_array(items: impl IntoIterator<Item = i32>) -> Value {
     Value::Array(ArrayType::Int, Some(Box::new(items.into_iter().map(|i| Value::Int(Some(i))).collect())))
+}
+
+fn bigint_array(items: impl IntoIterator<Item = i64>) -> Value {
+    Value::Array(ArrayType::BigInt, Some(Box::new(items.into_iter().map(|i| Value::BigInt(Some(i))).collect())))
+}
+
+fn real_array(items: impl IntoIterator<Item = f32>) -> Value {
+    Value::Array(ArrayType::Float, Some(Box::new(items.into_iter().map(|x| Value::Float(Some(x))).collect())))
 }
 
 #[cfg(test)]

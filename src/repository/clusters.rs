@@ -21,8 +21,7 @@ use crate::protocol::{
 };
 
 /// The columns of a cluster as the API shows it (never the centroid).
-pub(super) const CLUSTER_COLUMNS: &str =
-    "id, creator_id, status, size, label, response_text, suggested_response, actioned_at, created_at, updated_at";
+pub(super) const CLUSTER_COLUMNS: &str = "id, creator_id, status, size, core_size, label, response_text, suggested_response, actioned_at, created_at, updated_at";
 
 /// How many sample messages a listed cluster carries.
 const SAMPLES: i64 = 5;
@@ -33,6 +32,7 @@ pub(super) struct ClusterRow {
     pub creator_id: String,
     pub status: String,
     pub size: i32,
+    pub core_size: i32,
     pub label: String,
     pub response_text: Option<String>,
     pub suggested_response: Option<String>,
@@ -49,6 +49,7 @@ impl ClusterRow {
             // The schema's CHECK constraint admits only the two statuses.
             status: ClusterStatus::parse(&self.status).unwrap_or(ClusterStatus::Open),
             size: self.size,
+            core_size: self.core_size,
             label: self.label,
             response_text: self.response_text,
             suggested_response: self.suggested_response,

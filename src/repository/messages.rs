@@ -8,13 +8,11 @@ use uuid::Uuid;
 use super::{RepoError, Repository, stmt, uuid_array};
 use crate::{
     domain::validate::NewMessage,
-    entities::message,
-    protocol::{IngestResult, MessageStatus, MessageView},
+    protocol::{IngestResult, Membership, MessageStatus, MessageView, Visitor},
 };
 
 /// The columns of a message as the API shows it (never the embedding).
-pub(super) const MESSAGE_COLUMNS: &str =
-    "id, creator_id, external_id, text, visitor, status, cluster_id, sent_at, received_at, error";
+pub(super) const MESSAGE_COLUMNS: &str = "id, creator_id, external_id, text, visitor, status, cluster_id, membership, similarity, sent_at, received_at, error";
 
 /// A row of [`MESSAGE_COLUMNS`].
 #[derive(Debug, FromQueryResult)]
@@ -26,6 +24,8 @@ pub(super) struct MessageRow {
     pub visitor: Option<Json>,
     pub status: String,
     pub cluster_id: Option<Uuid>,
+    pub membership: Option<String>,
+    pub similarity: Option<f32>,
     pub sent_at: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
     pub error: Option<String>,
@@ -33,18 +33,23 @@ pub(super) struct MessageRow {
 
 impl MessageRow {
     pub fn view(self) -> MessageView {
-        message::view(
-            self.id,
-            &self.creator_id,
-            self.external_id,
-            &self.text,
-            self.visitor,
-            &self.status,
-            self.cluster_id,
-            self.sent_at,
-            self.received_at,
-            self.error,
-        )
+        // The schema's CHECK constraints admit only the four statuses and
+        // the two memberships.
+        let status = MessageStatus::parse(&self.status).unwrap_or(MessageStatus::Pending);
+        MessageView {
+            id: self.id,
+            creator_id: self.creator_id,
+            external_id: self.external_id,
+            text: self.text,
+            visitor: self.visitor.and_then(|v| serde_json::from_value::<Visitor>(v).ok()),
+            status,
+            cluster_id: self.cluster_id,
+            membership: self.membership.as_deref().and_then(Membership::parse),
+            similarity: self.similarity,
+            sent_at: self.sent_at,
+            received_at: self.received_at,
+            error: if status == MessageStatus::Failed { self.error } else { None },
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::{
     actors::broadcaster::{Broadcaster, Publish},
-    clustering::{CreatorIndex, Params, Reason},
+    clustering::{CreatorIndex, Params},
     metrics::Metrics,
     repository::{Clustered, DecideConfig, RepoError, Repository},
     settings::ClusteringSettings,
@@ -182,13 +182,7 @@ impl ClusteringShard {
         self.metrics.messages_clustered.inc_by(events.len() as u64);
         self.metrics.cluster_index_rebuilds.inc_by(rebuilt as u64);
         for (reason, seconds) in decisions {
-            let step = match reason {
-                Reason::Exact => "exact",
-                Reason::Trigram { .. } => "trigram",
-                Reason::Vector { .. } => "vector",
-                Reason::New => "new",
-            };
-            self.metrics.cluster_decisions.with_label_values(&[step]).inc();
+            self.metrics.cluster_decisions.with_label_values(&[reason.step()]).inc();
             self.metrics.cluster_decide_seconds.observe(seconds);
         }
         if !events.is_empty() {

@@ -1,19 +1,19 @@
 //! The data set through a running daemon: batches of messages into one
 //! fresh creator, in the given order, then every message read back until
-//! all are clustered.
+//! all are clustered, with its cluster and membership.
 
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use awc::Client;
-use clusterd::protocol::{BatchItemResult, BatchResult, MessageStatus, MessageView};
+use clusterd::protocol::{BatchItemResult, BatchResult, Membership, MessageStatus, MessageView};
 use futures_util::{StreamExt, stream};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::{
     data::Dataset,
-    metrics::{Scores, score},
+    metrics::{Scores, score_with_review},
 };
 
 /// Messages per `POST /v1/messages/batch`.
@@ -60,6 +60,7 @@ pub async fn run(data: &Dataset, order: &[usize], url: &str, concurrency: usize)
 
     let started = std::time::Instant::now();
     let mut clusters: Vec<Option<Uuid>> = vec![None; data.texts.len()];
+    let mut review: Vec<bool> = vec![false; data.texts.len()];
     let mut waiting: Vec<(usize, Uuid)> = ids;
     while !waiting.is_empty() {
         ensure!(started.elapsed() < PATIENCE, "{} messages still not clustered after {PATIENCE:?}", waiting.len());
@@ -83,7 +84,10 @@ pub async fn run(data: &Dataset, order: &[usize], url: &str, concurrency: usize)
         for view in views {
             let (i, id, view) = view?;
             match view.status {
-                MessageStatus::Clustered => clusters[i] = view.cluster_id,
+                MessageStatus::Clustered => {
+                    clusters[i] = view.cluster_id;
+                    review[i] = view.membership == Some(Membership::Review);
+                }
                 MessageStatus::Failed => bail!("message {id} failed: {:?}", view.error),
                 _ => waiting.push((i, id)),
             }
@@ -94,5 +98,5 @@ pub async fn run(data: &Dataset, order: &[usize], url: &str, concurrency: usize)
         }
     }
     let predicted: Vec<Uuid> = clusters.into_iter().map(|c| c.unwrap_or_default()).collect();
-    Ok(score(&data.labels, &predicted))
+    Ok(score_with_review(&data.labels, &predicted, &review))
 }

@@ -43,7 +43,12 @@ impl Dataset {
         if texts.is_empty() {
             bail!("{} holds no examples", path.display());
         }
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data").to_owned();
+        // "clinc150-test" for loadtest/data/clinc150/test.jsonl.
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
+        let name = match path.parent().and_then(|p| p.file_name()).and_then(|s| s.to_str()) {
+            Some(set) => format!("{set}-{stem}"),
+            None => stem.to_owned(),
+        };
         Ok(Self { name, texts, labels, label_names, vectors: Vec::new() })
     }
 

@@ -1,6 +1,8 @@
 //! Offline references on the same embeddings: agglomerative clustering with
 //! average linkage on cosine distance (kodama), cut at every threshold of a
 //! grid, and k-means with the true number of classes (clustering crate).
+//! An offline method sees every message before it decides anything: what
+//! an online rule can hope to approach.
 
 use crate::{
     data::Dataset,
@@ -45,6 +47,17 @@ pub fn average_linkage(data: &Dataset, thresholds: &[f64]) -> Vec<Cut> {
             Cut { threshold, scores: score(&data.labels, &predicted) }
         })
         .collect()
+}
+
+/// The fewest wrong replies any cut reaches at a V-measure of at least `v`:
+/// the offline reference at a matched V.
+pub fn best_at<'a>(cuts: &'a [Cut], v: f64) -> Option<&'a Cut> {
+    cuts.iter().filter(|c| c.scores.v_measure >= v).min_by(|a, b| a.scores.wrong_reply.total_cmp(&b.scores.wrong_reply))
+}
+
+/// The cut grid: cosine distances 0.10-0.80 in steps of 0.01.
+pub fn grid() -> Vec<f64> {
+    (10..=80).map(|i| f64::from(i) / 100.0).collect()
 }
 
 struct Point<'a>(&'a [f32]);
