@@ -181,13 +181,23 @@ pub struct MessageView {
     pub membership: Option<Membership>,
     /// Its average cosine similarity to the cluster's core members when it
     /// was placed (1 for the message that opened the cluster); null until
-    /// clustered.
-    #[serde(default)]
+    /// clustered. Written with six decimals, the same in every answer and
+    /// event.
+    #[serde(default, serialize_with = "six_decimals")]
     pub similarity: Option<f32>,
     pub sent_at: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// An `f32` as JSON with six decimals: written straight to text or through
+/// `serde_json::Value` (as stored events are), it reads the same.
+fn six_decimals<S: serde::Serializer>(value: &Option<f32>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) => serializer.serialize_f64((f64::from(*v) * 1e6).round() / 1e6),
+        None => serializer.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +267,40 @@ pub struct ClusterDetail {
 #[serde(deny_unknown_fields)]
 pub struct ActionInput {
     pub response_text: String,
+    /// Answer the `review` members too (default: they are held back into
+    /// open clusters of their own).
+    #[serde(default)]
+    pub include_review: bool,
+}
+
+/// `POST /v1/clusters/{id}/action`: the actioned cluster, which messages
+/// the response answered and which were held back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionResult {
+    #[serde(flatten)]
+    pub cluster: ClusterView,
+    /// The ids of the messages the response answers: the cluster's members
+    /// now, oldest first.
+    pub answered: Vec<Uuid>,
+    /// The `review` members that left the cluster unanswered, each into an
+    /// open cluster of its own (`include_review: false`, the default).
+    pub held_back: Vec<HeldBack>,
+}
+
+/// A review member an action held back, and the open cluster it is now in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldBack {
+    pub message_id: Uuid,
+    pub cluster_id: Uuid,
+}
+
+/// `POST /v1/clusters/{id}/messages/{message_id}/confirm`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfirmResult {
+    /// The cluster, its `core_size` one larger.
+    pub cluster: ClusterView,
+    /// The message, now a `core` member.
+    pub message: MessageView,
 }
 
 /// `POST /v1/clusters/{id}/merge`: the clusters to merge into `{id}`.
@@ -308,6 +352,9 @@ pub enum EventKind {
     ClusterMerged,
     #[serde(rename = "message.removed")]
     MessageRemoved,
+    /// A review member confirmed into its cluster's core.
+    #[serde(rename = "message.confirmed")]
+    MessageConfirmed,
 }
 
 impl EventKind {
@@ -318,13 +365,21 @@ impl EventKind {
             Self::ClusterActioned => "cluster.actioned",
             Self::ClusterMerged => "cluster.merged",
             Self::MessageRemoved => "message.removed",
+            Self::MessageConfirmed => "message.confirmed",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::ClusterCreated, Self::ClusterUpdated, Self::ClusterActioned, Self::ClusterMerged, Self::MessageRemoved]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+        [
+            Self::ClusterCreated,
+            Self::ClusterUpdated,
+            Self::ClusterActioned,
+            Self::ClusterMerged,
+            Self::MessageRemoved,
+            Self::MessageConfirmed,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
     }
 }
 
@@ -411,6 +466,8 @@ pub enum ClientFrame {
         id: Option<serde_json::Value>,
         cluster_id: String,
         response_text: String,
+        #[serde(default)]
+        include_review: bool,
     },
     /// `DELETE /v1/clusters/{cluster_id}/messages/{message_id}`.
     Remove {
@@ -433,6 +490,13 @@ pub enum ClientFrame {
         message_id: String,
         cluster_id: String,
     },
+    /// `POST /v1/clusters/{cluster_id}/messages/{message_id}/confirm`.
+    Confirm {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+        cluster_id: String,
+        message_id: String,
+    },
 }
 
 impl ClientFrame {
@@ -446,7 +510,8 @@ impl ClientFrame {
             | Self::Action { id, .. }
             | Self::Remove { id, .. }
             | Self::Merge { id, .. }
-            | Self::Move { id, .. } => id.as_ref(),
+            | Self::Move { id, .. }
+            | Self::Confirm { id, .. } => id.as_ref(),
         }
     }
 }
@@ -481,6 +546,7 @@ pub enum Operation {
     Remove,
     Merge,
     Move,
+    Confirm,
 }
 
 /// Replies the server sends to client frames (events are [`EventFrame`]).

@@ -299,14 +299,14 @@ impl Settings {
                  review_threshold a number",
             );
         }
-        if !(c.background_prior_pairs.is_finite() && c.background_prior_pairs >= 0.0)
-            || !(0.0..=1.0).contains(&c.learning_rate)
-            || !(c.learning_margin.is_finite() && c.learning_margin >= 0.0)
-            || !(c.min_bar_offset <= 0.0
-                && c.max_bar_offset >= 0.0
-                && c.max_bar_offset.is_finite()
-                && c.min_bar_offset.is_finite())
-        {
+        let learning_ok = (0.0..=1.0).contains(&c.learning_rate)
+            && c.learning_margin.is_finite()
+            && c.learning_margin >= 0.0
+            && c.min_bar_offset.is_finite()
+            && c.max_bar_offset.is_finite()
+            && c.min_bar_offset <= 0.0
+            && c.max_bar_offset >= 0.0;
+        if !(c.background_prior_pairs.is_finite() && c.background_prior_pairs >= 0.0 && learning_ok) {
             return invalid(
                 "clustering.background_prior_pairs and learning_margin must be >= 0, learning_rate within 0..1, \
                  min_bar_offset <= 0 <= max_bar_offset",

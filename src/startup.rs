@@ -104,7 +104,9 @@ impl Application {
         let db = connect_when_ready(&settings).await?;
         schema::pin_dimension(&db, settings.embedder.dimensions).await.context("embedding dimension")?;
         schema::sync_hnsw(&db, &settings.index).await.context("HNSW index")?;
-        let repo = Repository::new(db).with_label_exact_max(settings.clustering.label_exact_max);
+        let repo = Repository::new(db)
+            .with_label_exact_max(settings.clustering.label_exact_max)
+            .with_params((&settings.clustering).into());
 
         let metrics = Arc::new(Metrics::new());
         let provider = Provider::build(&settings.embedder, metrics.embed_provider_retries.clone())

@@ -1,5 +1,5 @@
-//! Cluster reads and the creator operations (action, remove, merge, move),
-//! shared by HTTP and WebSocket.
+//! Cluster reads and the creator operations (action, remove, confirm,
+//! merge, move), shared by HTTP and WebSocket.
 
 use actix_web::{HttpResponse, http::StatusCode, web};
 use serde::Deserialize;
@@ -9,7 +9,9 @@ use super::{ApiError, ApiState, auth::Principal, json, parse_id};
 use crate::{
     actors::broadcaster::Publish,
     domain::validate,
-    protocol::{self, ActionInput, ClusterView, MergeInput, MoveInput, MoveResult, RemoveResult},
+    protocol::{
+        self, ActionInput, ActionResult, ClusterView, ConfirmResult, MergeInput, MoveInput, MoveResult, RemoveResult,
+    },
     repository::{ClusterFilter, ClusterSort, ListQuery, RepoError, StoredEvent},
 };
 
@@ -125,20 +127,23 @@ async fn authorize_message(state: &ApiState, principal: &Principal, id: Uuid) ->
 // session both call these: each validates, runs its one transaction,
 // publishes its one event once committed, and returns the answer's body.
 
-/// Answers a cluster and closes it.
+/// Answers a cluster's core members (all its members with
+/// `include_review`) and closes it.
 #[tracing::instrument(skip(state, principal, response_text))]
 pub(super) async fn action(
     state: &ApiState,
     principal: &Principal,
     cluster_id: &str,
     response_text: &str,
-) -> Result<ClusterView, ApiError> {
+    include_review: bool,
+) -> Result<ActionResult, ApiError> {
     let id = parse_id(cluster_id, "cluster")?;
     authorize_cluster(state, principal, id).await?;
     validate::message_text("response_text", response_text, &state.settings.limits)?;
-    let (cluster, event) = state.repo.action_cluster(id, response_text).await.map_err(missing("cluster"))?;
-    publish(state, event);
-    Ok(cluster)
+    let (result, events) =
+        state.repo.action_cluster(id, response_text, include_review).await.map_err(missing("cluster"))?;
+    publish(state, events);
+    Ok(result)
 }
 
 /// Splits a message out of its cluster into a new singleton cluster.
@@ -154,7 +159,24 @@ pub(super) async fn remove(
     authorize_cluster(state, principal, cluster_id).await?;
     let (result, event) =
         state.repo.remove_message(cluster_id, message_id).await.map_err(missing("message in that cluster"))?;
-    publish(state, event);
+    publish(state, vec![event]);
+    Ok(result)
+}
+
+/// Confirms a review member: it becomes a core member of its cluster.
+#[tracing::instrument(skip(state, principal))]
+pub(super) async fn confirm(
+    state: &ApiState,
+    principal: &Principal,
+    cluster_id: &str,
+    message_id: &str,
+) -> Result<ConfirmResult, ApiError> {
+    let cluster_id = parse_id(cluster_id, "cluster")?;
+    let message_id = parse_id(message_id, "message")?;
+    authorize_cluster(state, principal, cluster_id).await?;
+    let (result, event) =
+        state.repo.confirm_message(cluster_id, message_id).await.map_err(missing("message in that cluster"))?;
+    publish(state, vec![event]);
     Ok(result)
 }
 
@@ -174,7 +196,7 @@ pub(super) async fn merge(
         .map(|id| id.parse().map_err(|_| ApiError::NotFound(format!("cluster {id} not found"))))
         .collect::<Result<Vec<Uuid>, _>>()?;
     let (cluster, event) = state.repo.merge_clusters(target, &sources).await?;
-    publish(state, event);
+    publish(state, vec![event]);
     Ok(cluster)
 }
 
@@ -190,13 +212,13 @@ pub(super) async fn move_message(
     let cluster_id = parse_id(cluster_id, "cluster")?;
     authorize_message(state, principal, message_id).await?;
     let (result, event) = state.repo.move_message(message_id, cluster_id).await?;
-    publish(state, event);
+    publish(state, vec![event]);
     Ok(result)
 }
 
-/// Hands a committed event to the broadcaster.
-fn publish(state: &ApiState, event: StoredEvent) {
-    state.pipeline.broadcaster.do_send(Publish { events: vec![event] });
+/// Hands an operation's committed events to the broadcaster, in order.
+fn publish(state: &ApiState, events: Vec<StoredEvent>) {
+    state.pipeline.broadcaster.do_send(Publish { events });
 }
 
 #[tracing::instrument(skip(principal, state, input))]
@@ -207,7 +229,7 @@ pub async fn post_action(
     input: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let input: ActionInput = body(input.into_inner())?;
-    Ok(json(StatusCode::OK, &action(&state, &principal, &path, &input.response_text).await?))
+    Ok(json(StatusCode::OK, &action(&state, &principal, &path, &input.response_text, input.include_review).await?))
 }
 
 #[tracing::instrument(skip(principal, state))]
@@ -218,6 +240,16 @@ pub async fn delete_message(
 ) -> Result<HttpResponse, ApiError> {
     let (cluster_id, message_id) = path.into_inner();
     Ok(json(StatusCode::OK, &remove(&state, &principal, &cluster_id, &message_id).await?))
+}
+
+#[tracing::instrument(skip(principal, state))]
+pub async fn post_confirm(
+    principal: Principal,
+    state: web::Data<ApiState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (cluster_id, message_id) = path.into_inner();
+    Ok(json(StatusCode::OK, &confirm(&state, &principal, &cluster_id, &message_id).await?))
 }
 
 #[tracing::instrument(skip(principal, state, input))]

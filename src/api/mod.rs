@@ -65,6 +65,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<ApiState>) {
                 .route("/clusters/{id}/action", web::post().to(clusters::post_action))
                 .route("/clusters/{id}/merge", web::post().to(clusters::post_merge))
                 .route("/clusters/{id}/messages/{message_id}", web::delete().to(clusters::delete_message))
+                .route("/clusters/{id}/messages/{message_id}/confirm", web::post().to(clusters::post_confirm))
                 .route("/ws", web::get().to(ws::connect))
                 .route("/admin/messages/retry", web::post().to(admin::retry_failed)),
         )

@@ -16,7 +16,7 @@
 //! a session stops reading, sends the replies still in flight, and closes
 //! with 1001.
 //!
-//! Creator operations (`action`, `remove`, `merge`, `move`) call the same
+//! Creator operations (`action`, `remove`, `confirm`, `merge`, `move`) call the same
 //! functions as their HTTP endpoints and run one after another in frame
 //! order (each waits for the one before it), so a client that merges and
 //! then actions a cluster gets exactly that; the session keeps reading and
@@ -259,10 +259,17 @@ impl WsSession {
                 }));
                 Ok(())
             }
-            ClientFrame::Action { id, cluster_id, response_text } => {
+            ClientFrame::Action { id, cluster_id, response_text, include_review } => {
                 let (state, principal) = (self.state.clone(), self.principal.clone());
                 self.queue_op(id, Operation::Action, async move {
-                    clusters::action(&state, &principal, &cluster_id, &response_text).await
+                    clusters::action(&state, &principal, &cluster_id, &response_text, include_review).await
+                });
+                Ok(())
+            }
+            ClientFrame::Confirm { id, cluster_id, message_id } => {
+                let (state, principal) = (self.state.clone(), self.principal.clone());
+                self.queue_op(id, Operation::Confirm, async move {
+                    clusters::confirm(&state, &principal, &cluster_id, &message_id).await
                 });
                 Ok(())
             }

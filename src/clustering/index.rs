@@ -53,15 +53,14 @@ impl Background {
     /// `(|sum|^2 - n) / (n (n - 1))` for unit embeddings, blended with the
     /// prior while the creator has few messages.
     pub fn mean_similarity(&self, params: &Params) -> f32 {
+        if self.count < 2 {
+            return params.background_prior;
+        }
         let n = self.count as f64;
         let pairs = n * (n - 1.0) / 2.0;
         let prior = f64::from(params.background_prior);
-        let measured = if self.count > 1 {
-            let norm_sq: f64 = self.sum.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
-            ((norm_sq - n) / (n * (n - 1.0))).clamp(-1.0, 1.0)
-        } else {
-            prior
-        };
+        let norm_sq: f64 = self.sum.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
+        let measured = ((norm_sq - n) / (n * (n - 1.0))).clamp(-1.0, 1.0);
         let weight = pairs / (pairs + f64::from(params.background_prior_pairs).max(0.0));
         (weight * measured + (1.0 - weight) * prior) as f32
     }
@@ -292,24 +291,9 @@ impl CreatorIndex {
         }
         new
     }
-
-    /// The score of a message against an open cluster's core, relative to
-    /// the creator's background: the evidence a correction carries (see
-    /// [`super::learn`]). `exclude` takes the message itself out of the
-    /// core first when it is a core member.
-    pub fn score_against(&self, id: Uuid, embedding: &[f32], exclude: bool, params: &Params) -> Option<f32> {
-        let i = self.position(id)?;
-        let x = unit(embedding);
-        let (mut d, mut n) = (dot(&x, self.row(i)), self.clusters[i].core_size as f32);
-        if exclude {
-            d -= 1.0;
-            n -= 1.0;
-        }
-        (n > 0.0).then(|| relative(d / n, self.background.mean_similarity(params)))
-    }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
@@ -451,20 +435,5 @@ mod tests {
         }
         // 10 pairs measured at 1.0, 10 of prior at 0.2.
         assert!((b.mean_similarity(&p) - 0.6).abs() < 1e-6);
-    }
-
-    #[test]
-    fn score_against_can_leave_the_message_out() {
-        let dims = 4;
-        let mut index = CreatorIndex::new(0, dims);
-        let id = Uuid::now_v7();
-        let mut sum = axis(0, dims);
-        sum[1] = 1.0;
-        index.insert(OpenCluster::new(id, sum, 2, 2));
-        let p = params();
-        // Leaving itself out, axis 0 is scored against axis 1 alone.
-        assert_eq!(index.score_against(id, &axis(0, dims), true, &p), Some(0.0));
-        assert_eq!(index.score_against(id, &axis(0, dims), false, &p), Some(0.5));
-        assert_eq!(index.score_against(Uuid::now_v7(), &axis(0, dims), false, &p), None);
     }
 }

@@ -46,9 +46,52 @@ pub fn corrected_offset(offset: f32, core_bar: f32, correction: Correction, lear
     (offset + shift).clamp(learning.min_offset, learning.max_offset)
 }
 
+/// The evidence of a message against a cluster's core: its average
+/// similarity to the core members (`core_sum` is their sum, `core_size`
+/// their count), relative to the creator's background `mu`. `exclude`
+/// takes the message itself out of the core first (it is a core member).
+/// `None` when no core member is left to compare with.
+pub fn score(core_sum: &[f32], core_size: i64, embedding: &[f32], exclude: bool, mu: f32) -> Option<f32> {
+    let x = super::unit(embedding);
+    let (mut dot, mut n) = (super::index::dot(&x, core_sum), core_size as f32);
+    if exclude {
+        dot -= 1.0;
+        n -= 1.0;
+    }
+    (n > 0.0).then(|| super::relative(dot / n, mu))
+}
+
+/// The evidence of two clusters against each other: the average
+/// similarity between a core member of one and a core member of the other
+/// (average linkage), relative to the creator's background `mu`.
+pub fn linkage(a_sum: &[f32], a_size: i64, b_sum: &[f32], b_size: i64, mu: f32) -> Option<f32> {
+    let pairs = (a_size * b_size) as f32;
+    (pairs > 0.0).then(|| super::relative(super::index::dot(a_sum, b_sum) / pairs, mu))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_score_can_leave_the_message_out_of_the_core() {
+        // A core of two members along axes 0 and 1; background 0.
+        let sum = [1.0, 1.0, 0.0];
+        let x = [1.0, 0.0, 0.0];
+        assert_eq!(score(&sum, 2, &x, true, 0.0), Some(0.0));
+        assert_eq!(score(&sum, 2, &x, false, 0.0), Some(0.5));
+        // Relative to a background of 0.5, an average of 0.5 scores 0.
+        assert_eq!(score(&sum, 2, &x, false, 0.5), Some(0.0));
+        assert_eq!(score(&[1.0, 0.0, 0.0], 1, &x, true, 0.0), None);
+    }
+
+    #[test]
+    fn linkage_averages_over_every_pair_of_core_members() {
+        // Two members at axis 0, against one at axis 0 and one at axis 1:
+        // the four pairs have similarities 1, 1, 0, 0.
+        assert_eq!(linkage(&[2.0, 0.0], 2, &[1.0, 1.0], 2, 0.0), Some(0.5));
+        assert_eq!(linkage(&[2.0, 0.0], 2, &[0.0, 0.0], 0, 0.0), None);
+    }
 
     const LEARNING: Learning = Learning { rate: 0.5, margin: 0.02, min_offset: -0.1, max_offset: 0.2 };
 

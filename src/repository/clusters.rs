@@ -1,8 +1,11 @@
 //! Clusters: listing and detail reads, and the creator operations (action,
-//! remove, merge, move), each one transaction under the creator's lock and
-//! one event. Every operation keeps a cluster's size, centroid (the sum of
-//! its members' embeddings) and label (its most representative member, see
-//! [`refresh_labels`]) true to its members.
+//! remove, confirm, merge, move), each one transaction under the creator's
+//! lock with its events. Every operation keeps a cluster's size, core size,
+//! centroid (the sum of its *core* members' embeddings) and label (its most
+//! representative core member, see [`refresh_labels`]) true to its
+//! members, and an open cluster's core never empty. Removals, moves,
+//! confirmations and merges are corrections: each moves the creator's
+//! `bar_offset` ([`learn`]) in the same transaction.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
@@ -16,8 +19,15 @@ use super::{
     messages::{MESSAGE_COLUMNS, MessageRow},
     stmt, uuid_array,
 };
-use crate::protocol::{
-    ClusterDetail, ClusterList, ClusterStatus, ClusterView, EventKind, MessageView, MoveResult, RemoveResult,
+use crate::{
+    clustering::{
+        self, Background, Params,
+        learn::{self, Correction},
+    },
+    protocol::{
+        ActionResult, ClusterDetail, ClusterList, ClusterStatus, ClusterView, ConfirmResult, EventKind, HeldBack,
+        Membership, MessageView, MoveResult, RemoveResult,
+    },
 };
 
 /// The columns of a cluster as the API shows it (never the centroid).
@@ -239,15 +249,41 @@ impl Repository {
             .ok_or(RepoError::NotFound)
     }
 
-    /// Answers a cluster: stores the response and closes it. `Conflict` if
-    /// it was already actioned.
+    /// Answers a cluster and closes it. The response answers the core
+    /// members; each review member leaves first into an open cluster of its
+    /// own, with the events of a removal (it is not a correction: the
+    /// creator has not looked at it), unless `include_review`, which makes
+    /// every member core and answers them all. `Conflict` if the cluster was
+    /// already actioned.
     #[tracing::instrument(skip(self, response_text))]
-    pub async fn action_cluster(&self, id: Uuid, response_text: &str) -> Result<(ClusterView, StoredEvent), RepoError> {
+    pub async fn action_cluster(
+        &self,
+        id: Uuid,
+        response_text: &str,
+        include_review: bool,
+    ) -> Result<(ActionResult, Vec<StoredEvent>), RepoError> {
         let (tx, cluster) = self.begin_on_cluster(id).await?;
         if cluster.status == ClusterStatus::Actioned {
             return Err(RepoError::Conflict(format!("cluster {id} is already actioned")));
         }
         let now = Utc::now();
+        let mut drafts = Vec::new();
+        let mut held_back = Vec::new();
+        if include_review {
+            promote_all(&tx, id, now).await?;
+            refresh_labels(&tx, &[id], self.label_exact_max).await?;
+        } else {
+            let sql = format!(
+                "SELECT {MESSAGE_COLUMNS}, embedding FROM messages
+                 WHERE cluster_id = $1 AND membership = 'review' ORDER BY id FOR UPDATE"
+            );
+            let reviews = Member::find_by_statement(stmt(&sql, [id.into()])).all(&tx).await?;
+            for member in reviews {
+                let (left, message, singleton) = split_off(&tx, &cluster.creator_id, id, member, now).await?;
+                held_back.push(HeldBack { message_id: message.id, cluster_id: singleton.id });
+                drafts.push(removal(left, message, singleton));
+            }
+        }
         let sql = format!(
             "UPDATE clusters SET status = 'actioned', response_text = $2, actioned_at = $3, updated_at = $3
              WHERE id = $1 RETURNING {CLUSTER_COLUMNS}"
@@ -257,15 +293,23 @@ impl Repository {
             .await?
             .ok_or(RepoError::NotFound)?
             .view();
-        let event = append_one(&tx, Draft::new(EventKind::ClusterActioned, cluster.clone()), now).await?;
+        let answered: Vec<Uuid> = tx
+            .query_all_raw(stmt("SELECT id FROM messages WHERE cluster_id = $1 ORDER BY id", [id.into()]))
+            .await?
+            .iter()
+            .map(|row| row.try_get("", "id"))
+            .collect::<Result<_, DbErr>>()?;
+        drafts.push(Draft::new(EventKind::ClusterActioned, cluster.clone()));
+        let events = append_all(&tx, &cluster.creator_id, drafts, now).await?;
         tx.commit().await?;
-        Ok((cluster, event))
+        Ok((ActionResult { cluster, answered, held_back }, events))
     }
 
-    /// Moves a message out of its cluster into a new open singleton cluster.
-    /// `NotFound` if the message is not in that cluster; `Conflict` if the
-    /// cluster is actioned (its messages were answered) or the message is
-    /// its only one.
+    /// Moves a message out of its cluster into a new open singleton cluster
+    /// (as its core member). A correction: the message differs from the
+    /// cluster's core. `NotFound` if the message is not in that cluster;
+    /// `Conflict` if the cluster is actioned (its messages were answered) or
+    /// the message is its only one.
     #[tracing::instrument(skip(self))]
     pub async fn remove_message(
         &self,
@@ -273,12 +317,7 @@ impl Repository {
         message_id: Uuid,
     ) -> Result<(RemoveResult, StoredEvent), RepoError> {
         let (tx, cluster) = self.begin_on_cluster(cluster_id).await?;
-        let sql =
-            format!("SELECT {MESSAGE_COLUMNS}, embedding FROM messages WHERE id = $1 AND cluster_id = $2 FOR UPDATE");
-        let member = Member::find_by_statement(stmt(&sql, [message_id.into(), cluster_id.into()]))
-            .one(&tx)
-            .await?
-            .ok_or(RepoError::NotFound)?;
+        let member = member_in(&tx, message_id, cluster_id).await?;
         if cluster.status == ClusterStatus::Actioned {
             return Err(RepoError::Conflict(format!(
                 "cluster {cluster_id} is actioned: its messages have been answered"
@@ -289,54 +328,69 @@ impl Repository {
                 "message {message_id} is the only message of cluster {cluster_id}"
             )));
         }
-        let embedding = member.embedding()?;
+        let mut lessons = self.lessons(&tx, &cluster.creator_id).await?;
+        lessons.differ(&member_evidence(&tx, cluster_id, &member, &lessons).await?);
         let now = Utc::now();
-        leave(&tx, cluster_id, &embedding, now).await?;
-
-        let sql = format!(
-            "INSERT INTO clusters (id, creator_id, status, size, label, centroid, created_at, updated_at)
-             VALUES ($1, $2, 'open', 1, $3, $4, $5, $5) RETURNING {CLUSTER_COLUMNS}"
-        );
-        let singleton = ClusterRow::find_by_statement(stmt(
-            &sql,
-            [
-                Uuid::now_v7().into(),
-                cluster.creator_id.clone().into(),
-                member.row.text.clone().into(),
-                embedding.into(),
-                now.into(),
-            ],
-        ))
-        .one(&tx)
-        .await?
-        .ok_or_else(|| RepoError::Db(DbErr::Custom("cluster insert returned no row".into())))?
-        .view();
-        tx.execute_raw(stmt(
-            "UPDATE messages SET cluster_id = $2 WHERE id = $1",
-            [message_id.into(), singleton.id.into()],
-        ))
-        .await?;
+        let (_, message, singleton) = split_off(&tx, &cluster.creator_id, cluster_id, member, now).await?;
         refresh_labels(&tx, &[cluster_id], self.label_exact_max).await?;
         let left = cluster_in(&tx, cluster_id).await?;
-        let mut message = member.row.view();
-        message.cluster_id = Some(singleton.id);
-
-        let draft = Draft {
-            message: Some(message.clone()),
-            new_cluster: Some(singleton),
-            ..Draft::new(EventKind::MessageRemoved, left.clone())
-        };
+        lessons.save(&tx, &cluster.creator_id).await?;
+        let draft = removal(left.clone(), message.clone(), singleton);
         let event = append_one(&tx, draft, now).await?;
         tx.commit().await?;
         Ok((RemoveResult { cluster: left, message }, event))
     }
 
+    /// Confirms a review member: it becomes core, and the cluster's core
+    /// (its centroid, `core_size`) takes it in. A correction: the message
+    /// matches the cluster's core. `NotFound` if the message is not in that
+    /// cluster; `Conflict` if it is core already or the cluster actioned.
+    #[tracing::instrument(skip(self))]
+    pub async fn confirm_message(
+        &self,
+        cluster_id: Uuid,
+        message_id: Uuid,
+    ) -> Result<(ConfirmResult, StoredEvent), RepoError> {
+        let (tx, cluster) = self.begin_on_cluster(cluster_id).await?;
+        let member = member_in(&tx, message_id, cluster_id).await?;
+        if cluster.status == ClusterStatus::Actioned {
+            return Err(RepoError::Conflict(format!(
+                "cluster {cluster_id} is actioned: its messages have been answered"
+            )));
+        }
+        if member.membership()? == Membership::Core {
+            return Err(RepoError::Conflict(format!(
+                "message {message_id} is a core member of cluster {cluster_id} already"
+            )));
+        }
+        let mut lessons = self.lessons(&tx, &cluster.creator_id).await?;
+        lessons.matched(&member_evidence(&tx, cluster_id, &member, &lessons).await?);
+        let now = Utc::now();
+        tx.execute_raw(stmt("UPDATE messages SET membership = 'core' WHERE id = $1", [message_id.into()])).await?;
+        tx.execute_raw(stmt(
+            "UPDATE clusters SET core_size = core_size + 1, centroid = centroid + $2, updated_at = $3 WHERE id = $1",
+            [cluster_id.into(), member.embedding()?.into(), now.into()],
+        ))
+        .await?;
+        refresh_labels(&tx, &[cluster_id], self.label_exact_max).await?;
+        lessons.save(&tx, &cluster.creator_id).await?;
+        let cluster = cluster_in(&tx, cluster_id).await?;
+        let mut message = member.row.view();
+        message.membership = Some(Membership::Core);
+        let draft =
+            Draft { message: Some(message.clone()), ..Draft::new(EventKind::MessageConfirmed, cluster.clone()) };
+        let event = append_one(&tx, draft, now).await?;
+        tx.commit().await?;
+        Ok((ConfirmResult { cluster, message }, event))
+    }
+
     /// Merges the open clusters `sources` into the open cluster `target`, all
-    /// of one creator: their messages move to the target, whose size and
-    /// centroid become the sums, and the sources are deleted. `Missing` if
-    /// any of them does not exist or belongs to another creator; `Conflict`
-    /// if any is actioned. The caller checks that `sources` is non-empty,
-    /// without duplicates and without `target`.
+    /// of one creator: their messages move to the target (each keeping its
+    /// membership), whose size, core size and centroid become the sums, and
+    /// the sources are deleted. A correction: each source's core matches
+    /// the target's. `Missing` if any of them does not exist or belongs to
+    /// another creator; `Conflict` if any is actioned. The caller checks
+    /// that `sources` is non-empty, without duplicates and without `target`.
     #[tracing::instrument(skip(self))]
     pub async fn merge_clusters(
         &self,
@@ -368,6 +422,12 @@ impl Repository {
             return Err(RepoError::Conflict(format!("cluster {} is actioned; only open clusters merge", closed.id)));
         }
 
+        let mut lessons = self.lessons(&tx, &cluster.creator_id).await?;
+        let into = core_of(&tx, target).await?;
+        for source in sources {
+            let from = core_of(&tx, *source).await?;
+            lessons.matched(&learn::linkage(&into.sum(), into.size(), &from.sum(), from.size(), lessons.mu));
+        }
         let now = Utc::now();
         let ids = uuid_array(sources.iter().copied());
         tx.execute_raw(stmt(
@@ -375,11 +435,12 @@ impl Repository {
             [target.into(), ids.clone()],
         ))
         .await?;
-        // Centroids are sums of member embeddings, so the merged centroid is
-        // the sum of the centroids (pgvector's `sum` aggregate).
+        // Centroids are sums of core member embeddings, so the merged
+        // centroid is the sum of the centroids (pgvector's `sum` aggregate).
         tx.execute_raw(stmt(
-            "UPDATE clusters c SET size = c.size + s.size, centroid = c.centroid + s.centroid, updated_at = $3
-             FROM (SELECT sum(size)::integer AS size, sum(centroid) AS centroid
+            "UPDATE clusters c SET size = c.size + s.size, core_size = c.core_size + s.core_size,
+                    centroid = c.centroid + s.centroid, updated_at = $3
+             FROM (SELECT sum(size)::integer AS size, sum(core_size)::integer AS core_size, sum(centroid) AS centroid
                    FROM clusters WHERE id = ANY($2)) AS s
              WHERE c.id = $1",
             [target.into(), ids.clone(), now.into()],
@@ -387,6 +448,7 @@ impl Repository {
         .await?;
         tx.execute_raw(stmt("DELETE FROM clusters WHERE id = ANY($1)", [ids])).await?;
         refresh_labels(&tx, &[target], self.label_exact_max).await?;
+        lessons.save(&tx, &cluster.creator_id).await?;
         let merged = cluster_in(&tx, target).await?;
 
         let draft = Draft {
@@ -398,12 +460,13 @@ impl Repository {
         Ok((merged, event))
     }
 
-    /// Moves a clustered message into another open cluster of its creator.
-    /// The cluster it leaves shrinks, or is deleted when the message was its
-    /// only member. `Missing` for an unknown message, or a cluster that does
-    /// not exist or belongs to another creator; `Conflict` if the message
-    /// is not clustered or already in that cluster, or either cluster is
-    /// actioned.
+    /// Moves a clustered message into another open cluster of its creator,
+    /// as a core member there. The cluster it leaves shrinks, or is deleted
+    /// when the message was its only member. Two corrections: the message
+    /// differs from the core it left and matches the one it joins.
+    /// `Missing` for an unknown message, or a cluster that does not exist
+    /// or belongs to another creator; `Conflict` if the message is not
+    /// clustered or already in that cluster, or either cluster is actioned.
     #[tracing::instrument(skip(self))]
     pub async fn move_message(
         &self,
@@ -451,14 +514,22 @@ impl Repository {
         }
 
         let embedding = member.embedding()?;
+        let mut lessons = self.lessons(&tx, &creator_id).await?;
+        lessons.differ(&member_evidence(&tx, source_id, &member, &lessons).await?);
+        let joined = core_of(&tx, cluster_id).await?;
+        let unit = clustering::unit(embedding.as_slice());
+        let similarity = average(&joined, &unit);
+        lessons.matched(&learn::score(&joined.sum(), joined.size(), &unit, false, lessons.mu));
+
         let now = Utc::now();
         tx.execute_raw(stmt(
-            "UPDATE messages SET cluster_id = $2 WHERE id = $1",
-            [message_id.into(), cluster_id.into()],
+            "UPDATE messages SET cluster_id = $2, membership = 'core', similarity = $3 WHERE id = $1",
+            [message_id.into(), cluster_id.into(), similarity.into()],
         ))
         .await?;
         tx.execute_raw(stmt(
-            "UPDATE clusters SET size = size + 1, centroid = centroid + $2, updated_at = $3 WHERE id = $1",
+            "UPDATE clusters SET size = size + 1, core_size = core_size + 1, centroid = centroid + $2, updated_at = $3
+             WHERE id = $1",
             [cluster_id.into(), embedding.clone().into(), now.into()],
         ))
         .await?;
@@ -468,13 +539,16 @@ impl Repository {
             tx.execute_raw(stmt("DELETE FROM clusters WHERE id = $1", [source_id.into()])).await?;
             refresh_labels(&tx, &[cluster_id], self.label_exact_max).await?;
         } else {
-            leave(&tx, source_id, &embedding, now).await?;
+            leave(&tx, source_id, &member, now).await?;
             refresh_labels(&tx, &[cluster_id, source_id], self.label_exact_max).await?;
         }
+        lessons.save(&tx, &creator_id).await?;
         let cluster = cluster_in(&tx, cluster_id).await?;
         let from_cluster = if emptied { None } else { Some(cluster_in(&tx, source_id).await?) };
         let mut message = member.row.view();
         message.cluster_id = Some(cluster_id);
+        message.membership = Some(Membership::Core);
+        message.similarity = Some(similarity);
 
         let draft = Draft {
             message: Some(message.clone()),
@@ -485,6 +559,29 @@ impl Repository {
         let event = append_one(&tx, draft, now).await?;
         tx.commit().await?;
         Ok((MoveResult { cluster, from_cluster, message }, event))
+    }
+
+    /// What the creator's corrections in this transaction start from: its
+    /// background and learned offset, read under the creator's lock.
+    async fn lessons(&self, tx: &DatabaseTransaction, creator_id: &str) -> Result<Lessons, RepoError> {
+        let row = BarRow::find_by_statement(stmt(
+            "SELECT background_sum, background_count, bar_offset FROM creators WHERE creator_id = $1",
+            [creator_id.into()],
+        ))
+        .one(tx)
+        .await?;
+        let (background, offset) = match row {
+            Some(row) => (
+                Background {
+                    sum: row.background_sum.map(|v| v.to_vec()).unwrap_or_default(),
+                    count: row.background_count,
+                },
+                row.bar_offset,
+            ),
+            None => (Background::default(), 0.0),
+        };
+        let mu = self.params.as_ref().map_or(0.0, |p| background.mean_similarity(p));
+        Ok(Lessons { params: self.params, mu, start: offset, offset })
     }
 
     /// Opens a transaction on a cluster: finds its creator, takes the
@@ -515,9 +612,188 @@ impl Member {
     }
 }
 
+impl Member {
+    fn membership(&self) -> Result<Membership, RepoError> {
+        self.row
+            .membership
+            .as_deref()
+            .and_then(Membership::parse)
+            .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("clustered message {} has no membership", self.row.id))))
+    }
+}
+
+/// The message `message_id` of cluster `cluster_id`, row-locked; `NotFound`
+/// if it is not in that cluster.
+async fn member_in(tx: &DatabaseTransaction, message_id: Uuid, cluster_id: Uuid) -> Result<Member, RepoError> {
+    let sql = format!("SELECT {MESSAGE_COLUMNS}, embedding FROM messages WHERE id = $1 AND cluster_id = $2 FOR UPDATE");
+    Member::find_by_statement(stmt(&sql, [message_id.into(), cluster_id.into()]))
+        .one(tx)
+        .await?
+        .ok_or(RepoError::NotFound)
+}
+
+/// A creator's background and learned offset, as stored.
+#[derive(FromQueryResult)]
+struct BarRow {
+    background_sum: Option<PgVector>,
+    background_count: i64,
+    bar_offset: f32,
+}
+
+/// The corrections of one operation: each moves the creator's offset from
+/// where the one before left it ([`learn::corrected_offset`]); the result
+/// is stored with the operation. Without clustering parameters (a
+/// repository made for the command line) nothing is learned.
+struct Lessons {
+    params: Option<Params>,
+    /// The creator's background similarity.
+    mu: f32,
+    start: f32,
+    offset: f32,
+}
+
+impl Lessons {
+    fn learn(&mut self, correction: Correction) {
+        if let Some(params) = &self.params {
+            self.offset = learn::corrected_offset(self.offset, params.core_threshold, correction, &params.learning);
+        }
+    }
+
+    /// The creator separated a message (or cluster) scoring `z`.
+    fn differ(&mut self, z: &Option<f32>) {
+        if let Some(z) = *z {
+            self.learn(Correction::Differ { z });
+        }
+    }
+
+    /// The creator put together a message (or cluster) scoring `z`.
+    fn matched(&mut self, z: &Option<f32>) {
+        if let Some(z) = *z {
+            self.learn(Correction::Match { z });
+        }
+    }
+
+    async fn save(&self, tx: &DatabaseTransaction, creator_id: &str) -> Result<(), DbErr> {
+        if self.offset != self.start {
+            tx.execute_raw(stmt(
+                "UPDATE creators SET bar_offset = $2 WHERE creator_id = $1",
+                [creator_id.into(), self.offset.into()],
+            ))
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A cluster's core: the sum of its core members' embeddings and their
+/// count.
+#[derive(FromQueryResult)]
+struct CoreRow {
+    centroid: PgVector,
+    core_size: i32,
+}
+
+impl CoreRow {
+    fn sum(&self) -> Vec<f32> {
+        self.centroid.to_vec()
+    }
+
+    fn size(&self) -> i64 {
+        i64::from(self.core_size)
+    }
+}
+
+async fn core_of(tx: &DatabaseTransaction, id: Uuid) -> Result<CoreRow, RepoError> {
+    CoreRow::find_by_statement(stmt("SELECT centroid, core_size FROM clusters WHERE id = $1", [id.into()]))
+        .one(tx)
+        .await?
+        .ok_or(RepoError::NotFound)
+}
+
+/// The average similarity of a unit vector to a cluster's core members.
+fn average(core: &CoreRow, unit: &[f32]) -> f32 {
+    if core.core_size == 0 {
+        return 0.0;
+    }
+    core.centroid.as_slice().iter().zip(unit).map(|(s, x)| s * x).sum::<f32>() / core.core_size as f32
+}
+
+/// The evidence of a member against the core of its cluster (itself left
+/// out when it is core).
+async fn member_evidence(
+    tx: &DatabaseTransaction,
+    cluster_id: Uuid,
+    member: &Member,
+    lessons: &Lessons,
+) -> Result<Option<f32>, RepoError> {
+    let core = core_of(tx, cluster_id).await?;
+    let exclude = member.membership()? == Membership::Core;
+    Ok(learn::score(&core.sum(), core.size(), member.embedding()?.as_slice(), exclude, lessons.mu))
+}
+
+/// Takes `member` out of cluster `cluster_id` (open, with other members)
+/// into a new open cluster of its own, as its core member. Returns the
+/// cluster it left, the message and the new cluster.
+async fn split_off(
+    tx: &DatabaseTransaction,
+    creator_id: &str,
+    cluster_id: Uuid,
+    member: Member,
+    now: DateTime<Utc>,
+) -> Result<(ClusterView, MessageView, ClusterView), RepoError> {
+    let embedding = member.embedding()?;
+    leave(tx, cluster_id, &member, now).await?;
+    let sql = format!(
+        "INSERT INTO clusters (id, creator_id, status, size, core_size, label, centroid, created_at, updated_at)
+         VALUES ($1, $2, 'open', 1, 1, $3, $4, $5, $5) RETURNING {CLUSTER_COLUMNS}"
+    );
+    let singleton = ClusterRow::find_by_statement(stmt(
+        &sql,
+        [Uuid::now_v7().into(), creator_id.into(), member.row.text.clone().into(), embedding.into(), now.into()],
+    ))
+    .one(tx)
+    .await?
+    .ok_or_else(|| RepoError::Db(DbErr::Custom("cluster insert returned no row".into())))?
+    .view();
+    tx.execute_raw(stmt(
+        "UPDATE messages SET cluster_id = $2, membership = 'core', similarity = 1 WHERE id = $1",
+        [member.row.id.into(), singleton.id.into()],
+    ))
+    .await?;
+    let left = cluster_in(tx, cluster_id).await?;
+    let mut message = member.row.view();
+    message.cluster_id = Some(singleton.id);
+    message.membership = Some(Membership::Core);
+    message.similarity = Some(1.0);
+    Ok((left, message, singleton))
+}
+
+/// The event of a message leaving `left` into `singleton`.
+fn removal(left: ClusterView, message: MessageView, singleton: ClusterView) -> Draft {
+    Draft { message: Some(message), new_cluster: Some(singleton), ..Draft::new(EventKind::MessageRemoved, left) }
+}
+
+/// Makes every member of a cluster core: its centroid becomes the sum of
+/// all of them.
+async fn promote_all(tx: &DatabaseTransaction, cluster_id: Uuid, now: DateTime<Utc>) -> Result<(), DbErr> {
+    tx.execute_raw(stmt(
+        "UPDATE messages SET membership = 'core' WHERE cluster_id = $1 AND membership = 'review'",
+        [cluster_id.into()],
+    ))
+    .await?;
+    tx.execute_raw(stmt(
+        "UPDATE clusters SET core_size = size, updated_at = $2,
+                centroid = (SELECT sum(embedding) FROM messages WHERE cluster_id = $1)
+         WHERE id = $1 AND core_size < size",
+        [cluster_id.into(), now.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
 /// Gives each of `cluster_ids` the label its members make it: the text of
-/// its most representative member, the one whose embedding is nearest the
-/// centroid by cosine distance (ties: the oldest). One statement for every
+/// its most representative core member, the one whose embedding is nearest
+/// the (core) centroid by cosine distance (ties: the oldest). One statement for every
 /// cluster; a cluster with more than `max_members` members keeps its label,
 /// since finding the nearest reads every member's embedding.
 #[tracing::instrument(skip(tx))]
@@ -535,7 +811,7 @@ pub(super) async fn refresh_labels(
         "UPDATE clusters c SET label = best.text
          FROM clusters k
          CROSS JOIN LATERAL (
-             SELECT m.text FROM messages m WHERE m.cluster_id = k.id
+             SELECT m.text FROM messages m WHERE m.cluster_id = k.id AND m.membership = 'core'
              ORDER BY m.embedding <=> k.centroid, m.id
              LIMIT 1
          ) AS best
@@ -546,19 +822,36 @@ pub(super) async fn refresh_labels(
     Ok(())
 }
 
-/// The cluster side of a message leaving: one member fewer, its embedding
-/// out of the centroid. The label is the caller's to refresh.
+/// The cluster side of a member leaving: one member fewer, and a core
+/// member's embedding out of the centroid. A cluster left with review
+/// members only makes them its core (an open cluster always has one). The
+/// label is the caller's to refresh.
 async fn leave(
     tx: &DatabaseTransaction,
     cluster_id: Uuid,
-    embedding: &PgVector,
+    member: &Member,
     now: DateTime<Utc>,
-) -> Result<(), DbErr> {
-    tx.execute_raw(stmt(
-        "UPDATE clusters SET size = size - 1, centroid = centroid - $2, updated_at = $3 WHERE id = $1",
-        [cluster_id.into(), embedding.clone().into(), now.into()],
-    ))
-    .await?;
+) -> Result<(), RepoError> {
+    if member.membership()? == Membership::Core {
+        tx.execute_raw(stmt(
+            "UPDATE clusters SET size = size - 1, core_size = core_size - 1, centroid = centroid - $2, updated_at = $3
+             WHERE id = $1",
+            [cluster_id.into(), member.embedding()?.into(), now.into()],
+        ))
+        .await?;
+    } else {
+        tx.execute_raw(stmt(
+            "UPDATE clusters SET size = size - 1, updated_at = $2 WHERE id = $1",
+            [cluster_id.into(), now.into()],
+        ))
+        .await?;
+    }
+    let orphaned = tx
+        .query_one_raw(stmt("SELECT 1 FROM clusters WHERE id = $1 AND core_size = 0 AND size > 0", [cluster_id.into()]))
+        .await?;
+    if orphaned.is_some() {
+        promote_all(tx, cluster_id, now).await?;
+    }
     Ok(())
 }
 
@@ -572,6 +865,16 @@ async fn cluster_in(tx: &DatabaseTransaction, id: Uuid) -> Result<ClusterView, R
 async fn cluster_in_for_update(tx: &DatabaseTransaction, id: Uuid) -> Result<ClusterView, RepoError> {
     let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1 FOR UPDATE");
     Ok(ClusterRow::find_by_statement(stmt(&sql, [id.into()])).one(tx).await?.ok_or(RepoError::NotFound)?.view())
+}
+
+/// Appends the events of an operation, in order, under the creator's lock.
+async fn append_all(
+    tx: &DatabaseTransaction,
+    creator_id: &str,
+    drafts: Vec<Draft>,
+    at: DateTime<Utc>,
+) -> Result<Vec<StoredEvent>, RepoError> {
+    Ok(events::append(tx, [(creator_id.to_owned(), drafts)].into(), at).await?)
 }
 
 /// Appends the one event of an operation, under the creator's lock.

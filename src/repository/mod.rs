@@ -30,6 +30,9 @@ pub struct Repository {
     /// Clusters up to this size get their label recomputed exactly on
     /// every change (`clustering.label_exact_max`).
     label_exact_max: i64,
+    /// The decision's parameters, which the creator operations learn with
+    /// (`None`: they learn nothing; a repository of the command line).
+    params: Option<crate::clustering::Params>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,12 +88,18 @@ pub fn is_unavailable(err: &DbErr) -> bool {
 
 impl Repository {
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db, label_exact_max: 1000 }
+        Self { db, label_exact_max: 1000, params: None }
     }
 
     /// Sets `clustering.label_exact_max`.
     pub fn with_label_exact_max(mut self, max_members: i64) -> Self {
         self.label_exact_max = max_members;
+        self
+    }
+
+    /// Sets the parameters the creator operations learn with.
+    pub fn with_params(mut self, params: crate::clustering::Params) -> Self {
+        self.params = Some(params);
         self
     }
 

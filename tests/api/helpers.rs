@@ -438,6 +438,12 @@ impl Replayed {
                 target.members.insert(message.clone());
                 self.location.insert(message, cluster_id.clone());
             }
+            "message.confirmed" => {
+                let message = id_of(&event["message"]);
+                assert_eq!(self.location.get(&message), Some(&cluster_id), "confirmed where it is: {event}");
+                assert_eq!(event["message"]["membership"], "core", "{event}");
+                assert_eq!(self.cluster_mut(&cluster_id, event).status, "open", "confirmed while open: {event}");
+            }
             "cluster.actioned" => {
                 let target = self.cluster_mut(&cluster_id, event);
                 assert_eq!(target.status, "open", "cluster {cluster_id} actioned twice: {event}");
@@ -609,20 +615,23 @@ impl TestApp {
                     .into(),
             ),
             (
-                "centroid = sum of the members' embeddings",
+                "core size = core members >= 1; centroid = sum of the core members' embeddings",
                 format!(
-                    "SELECT format('cluster %s of size %s: centroid at distance %s from the sum of its members', id, size, d) AS v
-                     FROM (SELECT c.id, c.size, c.centroid <-> sum(m.embedding) AS d
-                           FROM clusters c JOIN messages m ON m.cluster_id = c.id
+                    "SELECT format('cluster %s of size %s, core size %s: %s core members, centroid at distance %s
+                                    from their sum', id, size, core_size, n, d) AS v
+                     FROM (SELECT c.id, c.size, c.core_size, count(m.id) AS n,
+                                  coalesce(c.centroid <-> sum(m.embedding), 'Infinity') AS d
+                           FROM clusters c LEFT JOIN messages m ON m.cluster_id = c.id AND m.membership = 'core'
                            WHERE c.creator_id = $1 GROUP BY c.id) AS s
-                     WHERE NOT (d <= {CENTROID_TOLERANCE_PER_MEMBER} * greatest(size, 1))"
+                     WHERE core_size <> n OR n = 0 OR NOT (d <= {CENTROID_TOLERANCE_PER_MEMBER} * greatest(size, 1))"
                 ),
             ),
             (
-                "label = a member's text",
-                "SELECT format('cluster %s: label %L is no member''s text', c.id, c.label) AS v FROM clusters c
+                "label = a core member's text",
+                "SELECT format('cluster %s: label %L is no core member''s text', c.id, c.label) AS v FROM clusters c
                  WHERE c.creator_id = $1
-                   AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.cluster_id = c.id AND m.text = c.label)"
+                   AND NOT EXISTS (SELECT 1 FROM messages m
+                                   WHERE m.cluster_id = c.id AND m.membership = 'core' AND m.text = c.label)"
                     .into(),
             ),
             (

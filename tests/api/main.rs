@@ -12,6 +12,7 @@ mod helpers;
 mod hostile;
 mod ingest;
 mod instances;
+mod membership;
 mod model;
 mod openai;
 mod operations;

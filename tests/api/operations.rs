@@ -1,4 +1,5 @@
-//! Creator operations (action, remove, merge, move) over HTTP and
+//! Creator operations (action, remove, merge, move; confirm is in
+//! `membership`) over HTTP and
 //! WebSocket: their answers, their errors, their one event each, that a
 //! message they move stays where they put it, and that a random sequence of
 //! them keeps every cluster true to its members.
@@ -440,7 +441,9 @@ async fn each_operation_publishes_exactly_one_event_with_its_fields() {
     assert_eq!(status, StatusCode::OK);
     let actioned = next_event(&mut sub, 9).await;
     assert_eq!(actioned["event"], "cluster.actioned");
-    assert_eq!(actioned["cluster"], actioned_body);
+    assert_eq!(actioned["cluster"], without(&actioned_body, &["answered", "held_back"]));
+    assert_eq!(actioned_body["answered"].as_array().map(Vec::len), Some(4));
+    assert_eq!(actioned_body["held_back"], json!([]));
     let (status, _) = op(&app, &mut ops, Via::Http, action_frame(&poster, "Again")).await;
     assert_eq!(status, StatusCode::CONFLICT);
 
@@ -615,12 +618,12 @@ async fn random_operations_keep_every_cluster_true_to_its_members() {
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Via {
+pub(crate) enum Via {
     Http,
     Ws,
 }
 
-fn action_frame(cluster_id: &str, response_text: &str) -> Value {
+pub(crate) fn action_frame(cluster_id: &str, response_text: &str) -> Value {
     json!({"type": "action", "cluster_id": cluster_id, "response_text": response_text})
 }
 
@@ -636,10 +639,14 @@ fn move_frame(message_id: &str, cluster_id: &str) -> Value {
     json!({"type": "move", "message_id": message_id, "cluster_id": cluster_id})
 }
 
+pub(crate) fn confirm_frame(cluster_id: &str, message_id: &str) -> Value {
+    json!({"type": "confirm", "cluster_id": cluster_id, "message_id": message_id})
+}
+
 /// Runs an operation, written as its WebSocket frame, over `via`; returns
 /// the HTTP status (for WebSocket, the status its error code stands for)
 /// and the body (for WebSocket, the `result`, or `{"error": ...}`).
-async fn op(app: &TestApp, ws: &mut WsClient, via: Via, frame: Value) -> (StatusCode, Value) {
+pub(crate) async fn op(app: &TestApp, ws: &mut WsClient, via: Via, frame: Value) -> (StatusCode, Value) {
     let s = |field: &str| frame[field].as_str().map(str::to_owned).unwrap_or_default();
     match via {
         Via::Http => {
@@ -661,6 +668,10 @@ async fn op(app: &TestApp, ws: &mut WsClient, via: Via, frame: Value) -> (Status
                 Some("move") => {
                     body.remove("message_id");
                     app.post(&format!("/v1/messages/{}/move", s("message_id")), &Value::Object(body.clone())).await
+                }
+                Some("confirm") => {
+                    let path = format!("/v1/clusters/{}/messages/{}/confirm", s("cluster_id"), s("message_id"));
+                    app.post(&path, &json!({})).await
                 }
                 other => panic!("not an operation: {other:?}"),
             }
@@ -714,7 +725,7 @@ async fn next_event(sub: &mut WsClient, event_id: i64) -> Value {
 // ---------------------------------------------------------------------------
 
 /// Posts a message and waits until it is clustered.
-async fn post_clustered(app: &TestApp, creator: &str, text: &str) -> Value {
+pub(crate) async fn post_clustered(app: &TestApp, creator: &str, text: &str) -> Value {
     let id = app.post_message(creator, text).await;
     app.wait_clustered(&id).await
 }
@@ -835,11 +846,12 @@ async fn state_of(app: &TestApp, creator: &str) -> State {
     State { clusters, messages }
 }
 
-/// The text of the member whose embedding is nearest the centroid.
+/// The text of the core member whose embedding is nearest the (core)
+/// centroid.
 async fn nearest_member_text(app: &TestApp, cluster_id: &str) -> String {
     let rows = sql(
         app,
-        "SELECT m.text FROM clusters c JOIN messages m ON m.cluster_id = c.id
+        "SELECT m.text FROM clusters c JOIN messages m ON m.cluster_id = c.id AND m.membership = 'core'
          WHERE c.id = $1::uuid ORDER BY m.embedding <=> c.centroid, m.id LIMIT 1",
         [cluster_id.into()],
     )
@@ -848,7 +860,7 @@ async fn nearest_member_text(app: &TestApp, cluster_id: &str) -> String {
 }
 
 /// The creator's event log, oldest first, as stored.
-async fn event_log(app: &TestApp, creator: &str) -> Vec<Value> {
+pub(crate) async fn event_log(app: &TestApp, creator: &str) -> Vec<Value> {
     sql(app, "SELECT payload::text AS payload FROM events WHERE creator_id = $1 ORDER BY event_id", [creator.into()])
         .await
         .iter()
@@ -867,11 +879,14 @@ async fn check_invariants(app: &TestApp, creator: &str) {
     }
     let creator_value = || SqlValue::from(creator);
 
-    // Size = members; no empty cluster; centroid = sum of member embeddings.
+    // Size = members; no empty cluster; core size = core members, never
+    // none; centroid = sum of the core members' embeddings.
     let rows = sql(
         app,
-        "SELECT c.id::text AS id, c.size::bigint AS size, count(m.id) AS members,
-                COALESCE((c.centroid <-> sum(m.embedding))::float8, 1e9) AS centroid_error
+        "SELECT c.id::text AS id, c.size::bigint AS size, c.core_size::bigint AS core_size,
+                count(m.id) AS members, count(m.id) FILTER (WHERE m.membership = 'core') AS core,
+                COALESCE((c.centroid <-> sum(m.embedding) FILTER (WHERE m.membership = 'core'))::float8, 1e9)
+                    AS centroid_error
          FROM clusters c LEFT JOIN messages m ON m.cluster_id = c.id
          WHERE c.creator_id = $1 GROUP BY c.id",
         [creator_value()],
@@ -881,9 +896,12 @@ async fn check_invariants(app: &TestApp, creator: &str) {
     for r in &rows {
         let (id, size, members, error) =
             (get::<String>(r, "id"), get::<i64>(r, "size"), get::<i64>(r, "members"), get::<f64>(r, "centroid_error"));
+        let (core_size, core) = (get::<i64>(r, "core_size"), get::<i64>(r, "core"));
         assert_eq!(size, members, "cluster {id}: size is its member count");
         assert!(size >= 1, "cluster {id} is empty");
-        assert!(error < 1e-3, "cluster {id}: centroid is {error} away from the sum of its members");
+        assert_eq!(core_size, core, "cluster {id}: core size is its core member count");
+        assert!(core >= 1, "cluster {id} has no core");
+        assert!(error < 1e-3, "cluster {id}: centroid is {error} away from the sum of its core members");
     }
 
     // Timestamps and the fields of each status.
@@ -948,7 +966,7 @@ async fn check_invariants(app: &TestApp, creator: &str) {
         }
         assert!(!gone.contains(id), "cluster {id} was reported gone but exists");
         let (_, detail) = app.get(&format!("/v1/clusters/{id}?limit=1")).await;
-        for field in ["status", "size", "label", "response_text", "updated_at", "actioned_at"] {
+        for field in ["status", "size", "core_size", "label", "response_text", "updated_at", "actioned_at"] {
             assert_eq!(snapshot[field], detail[field], "cluster {id}: {field} in its latest event and stored");
         }
     }
@@ -965,6 +983,15 @@ async fn check_invariants(app: &TestApp, creator: &str) {
     // And the shared checks, whose replay of the log must end in the
     // memberships stored.
     app.assert_cluster_invariants(creator).await;
+}
+
+/// `value` without the named fields.
+fn without(value: &Value, fields: &[&str]) -> Value {
+    let mut value = value.clone();
+    if let Some(object) = value.as_object_mut() {
+        fields.iter().for_each(|f| _ = object.remove(*f));
+    }
+    value
 }
 
 fn ids(rows: &[sea_orm::QueryResult]) -> Vec<String> {

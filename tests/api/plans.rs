@@ -11,15 +11,17 @@ use crate::helpers::{TestApp, spawn_app_with};
 async fn populate(app: &TestApp) {
     app.db
         .execute_unprepared(
-            "INSERT INTO clusters (id, creator_id, status, size, label, centroid, created_at, updated_at)
+            "INSERT INTO clusters (id, creator_id, status, size, core_size, label, centroid, created_at, updated_at)
              SELECT gen_random_uuid(), 'creator-' || (g / 20), CASE WHEN g % 2 = 0 THEN 'open' ELSE 'actioned' END,
-                    3, 'label ' || g,
+                    3, 3, 'label ' || g,
                     ARRAY[random(), random(), random(), random(), random(), random(), random(), random()]::real[]::vector,
                     now() - g * interval '1 second', now() - g * interval '1 second'
              FROM generate_series(0, 7999) AS g;
-             INSERT INTO messages (id, creator_id, text, norm_key, sent_at, received_at, status, cluster_id, embedding)
+             INSERT INTO messages (id, creator_id, text, norm_key, sent_at, received_at, status, cluster_id,
+                                   membership, similarity, embedding)
              SELECT gen_random_uuid(), c.creator_id, 'message ' || c.label || ' ' || k,
-                    sha256(('message ' || c.label || ' ' || k)::bytea), now(), now(), 'clustered', c.id, c.centroid
+                    sha256(('message ' || c.label || ' ' || k)::bytea), now(), now(), 'clustered', c.id,
+                    'core', 1, c.centroid
              FROM clusters c CROSS JOIN generate_series(1, 3) AS k;
              ANALYZE clusters; ANALYZE messages;",
         )

@@ -285,6 +285,10 @@ impl Call {
             Call::Action { cluster } => {
                 assert_eq!(answer["id"], cluster.as_str(), "{answer}");
                 assert_eq!(answer["status"], "actioned", "{answer}");
+                // The response answers the whole cluster, all of it core.
+                let answered = answer["answered"].as_array().map_or(0, Vec::len);
+                assert_eq!(answer["size"].as_u64(), Some(answered as u64), "{answer}");
+                assert_eq!(answer["core_size"], answer["size"], "{answer}");
             }
             Call::Remove { cluster, message } => {
                 assert_eq!(answer["cluster"]["id"], cluster.as_str(), "{answer}");
@@ -351,7 +355,7 @@ impl Call {
     fn emitted(&self, answer: &Value, event: &Value) -> bool {
         let kind = event["event"].as_str().unwrap_or_default();
         match self {
-            Call::Action { .. } => kind == "cluster.actioned" && event["cluster"] == *answer,
+            Call::Action { .. } => kind == "cluster.actioned" && event["cluster"] == actioned_cluster(answer),
             Call::Remove { .. } => {
                 kind == "message.removed"
                     && event["cluster"] == answer["cluster"]
@@ -374,6 +378,29 @@ impl Call {
             Call::Read { .. } => false,
         }
     }
+
+    /// Whether `event` is one of the removals this successful action
+    /// (answered `answer`) made of the review members it held back.
+    fn held_back(&self, answer: &Value, event: &Value) -> bool {
+        let Call::Action { cluster } = self else { return false };
+        let into = |held: &Value| {
+            held["message_id"] == event["message"]["id"] && held["cluster_id"] == event["new_cluster"]["id"]
+        };
+        event["event"] == "message.removed"
+            && event["cluster"]["id"] == cluster.as_str()
+            && answer["held_back"].as_array().is_some_and(|held| held.iter().any(into))
+    }
+}
+
+/// The cluster object of an action's answer (without what it answered and
+/// held back), as its event carries it.
+fn actioned_cluster(answer: &Value) -> Value {
+    let mut cluster = answer.clone();
+    if let Some(fields) = cluster.as_object_mut() {
+        fields.remove("answered");
+        fields.remove("held_back");
+    }
+    cluster
 }
 
 /// Whether an event is a creator's operation (not a clustering decision).
@@ -641,9 +668,11 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
     }
 
     // Each successful operation emitted exactly one event, the one carrying
-    // what it answered, committed while it ran; and the log holds no other
-    // operation's event.
+    // what it answered, committed while it ran (an action also one removal
+    // per review member it held back, just before); and the log holds no
+    // other operation's event.
     let mut emitted = BTreeSet::new();
+    let mut held_back = 0;
     let mut event_of = Vec::with_capacity(done.len());
     for d in &done {
         let matching: Vec<u64> = replayed
@@ -663,6 +692,20 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
         );
         assert!(emitted.insert(event_id), "event {event_id} answers two operations");
         event_of.push(event_id);
+        let removals: Vec<u64> = replayed
+            .events
+            .iter()
+            .filter(|e| d.call.held_back(&d.answer, e))
+            .map(|e| e["event_id"].as_u64().expect("an event id"))
+            .collect();
+        let expected = d.answer["held_back"].as_array().map_or(0, Vec::len);
+        assert_eq!(removals.len(), expected, "{:?} answered {} with removals {removals:?}", d.call, d.answer);
+        let first = event_id - expected as u64;
+        assert_eq!(removals, (first..event_id).collect::<Vec<_>>(), "{:?}: removals just before", d.call);
+        for removal in removals {
+            assert!(emitted.insert(removal), "event {removal} answers two operations");
+        }
+        held_back += expected;
     }
     let operation_events: Vec<u64> = replayed
         .events
@@ -672,7 +715,7 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
         .collect();
     assert_eq!(operation_events, emitted.iter().copied().collect::<Vec<_>>(), "operation events without an operation");
     assert_eq!(replayed.count("cluster.actioned"), successes(Op::Action), "one event per action");
-    assert_eq!(replayed.count("message.removed"), successes(Op::Remove), "one event per removal");
+    assert_eq!(replayed.count("message.removed"), successes(Op::Remove) + held_back, "one event per removal");
     assert_eq!(replayed.count("cluster.merged"), successes(Op::Merge), "one event per merge");
     let moves = replayed.events.iter().filter(|e| e.get("from_cluster_id").is_some()).count();
     assert_eq!(moves, successes(Op::Move), "one event per move");

@@ -197,6 +197,9 @@ fn summarise(data: &data::Dataset, orders: &[Vec<usize>], place: impl Fn(&[usize
     Summary { runs }
 }
 
+/// A plain rule at a threshold.
+type MakeVariant = fn(f32) -> Variant;
+
 /// The constant threshold of a plain rule whose V-measure (first order)
 /// comes closest to `v` from above: a scan of 0.30-0.95 in steps of 0.05,
 /// then of 0.01 around the crossing (V falls as the threshold rises); that
@@ -206,7 +209,7 @@ fn plain_at(
     orders: &[Vec<usize>],
     params: &Params,
     v: f64,
-    make: fn(f32) -> Variant,
+    make: MakeVariant,
 ) -> Option<(Variant, Summary)> {
     let first = orders.first()?;
     let v_at = |t: i32| {
@@ -272,7 +275,7 @@ fn main() -> anyhow::Result<()> {
                 if let Some(best) = cuts.iter().max_by(|a, b| a.scores.v_measure.total_cmp(&b.scores.v_measure)) {
                     println!("{name}: offline average linkage, best V: cut {:.2}: {}", best.threshold, best.scores);
                 }
-                let plain: [(&str, fn(f32) -> Variant); 2] =
+                let plain: [(&str, MakeVariant); 2] =
                     [("centroid", |t| Variant::Centroid { t }), ("average", |t| Variant::Average { t })];
                 for (label, make) in plain {
                     match plain_at(&data, &orders, &base, v, make) {

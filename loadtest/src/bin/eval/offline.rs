@@ -51,7 +51,7 @@ pub fn average_linkage(data: &Dataset, thresholds: &[f64]) -> Vec<Cut> {
 
 /// The fewest wrong replies any cut reaches at a V-measure of at least `v`:
 /// the offline reference at a matched V.
-pub fn best_at<'a>(cuts: &'a [Cut], v: f64) -> Option<&'a Cut> {
+pub fn best_at(cuts: &[Cut], v: f64) -> Option<&Cut> {
     cuts.iter().filter(|c| c.scores.v_measure >= v).min_by(|a, b| a.scores.wrong_reply.total_cmp(&b.scores.wrong_reply))
 }
 
