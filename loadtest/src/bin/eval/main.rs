@@ -201,9 +201,9 @@ fn summarise(data: &data::Dataset, orders: &[Vec<usize>], place: impl Fn(&[usize
 type MakeVariant = fn(f32) -> Variant;
 
 /// The constant threshold of a plain rule whose V-measure (first order)
-/// comes closest to `v` from above: a scan of 0.30-0.95 in steps of 0.05,
-/// then of 0.01 around the crossing (V falls as the threshold rises); that
-/// rule at a matched V, over every order.
+/// comes closest to `v` from above on the precise side: the highest of
+/// 0.30-0.95 in steps of 0.05 whose V reaches `v`, then of the steps of
+/// 0.01 above it; that rule at a matched V, over every order.
 fn plain_at(
     data: &data::Dataset,
     orders: &[Vec<usize>],
@@ -216,9 +216,9 @@ fn plain_at(
         let p = variants::run(data, first, params, make(t as f32 / 100.0));
         score_with_review(&data.labels, &p.clusters, &p.review).v_measure
     };
-    // The highest coarse threshold still at or above v, then the finer ones
-    // above it.
-    let coarse = (30..=95).step_by(5).take_while(|&t| v_at(t) >= v).last()?;
+    // The highest coarse threshold at or above v (V rises, then falls, as
+    // the threshold rises), then the highest of the finer ones above it.
+    let coarse = (30..=95).step_by(5).filter(|&t| v_at(t) >= v).last()?;
     let fine = (coarse + 1..coarse + 5).take_while(|&t| v_at(t) >= v).last().unwrap_or(coarse);
     let variant = make(fine as f32 / 100.0);
     Some((variant, summarise(data, orders, |o| variants::run(data, o, params, variant))))
