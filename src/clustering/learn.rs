@@ -46,19 +46,24 @@ pub fn corrected_offset(offset: f32, core_bar: f32, correction: Correction, lear
     (offset + shift).clamp(learning.min_offset, learning.max_offset)
 }
 
-/// The evidence of a message against a cluster's core: its average
-/// similarity to the core members (`core_sum` is their sum, `core_size`
-/// their count), relative to the creator's background `mu`. `exclude`
-/// takes the message itself out of the core first (it is a core member).
-/// `None` when no core member is left to compare with.
-pub fn score(core_sum: &[f32], core_size: i64, embedding: &[f32], exclude: bool, mu: f32) -> Option<f32> {
+/// A message's average similarity to a cluster's core members
+/// (`core_sum` is the sum of their embeddings, `core_size` their count).
+/// `exclude` takes the message itself out of the core first (it is a core
+/// member). `None` when no core member is left to compare with.
+pub fn average_similarity(core_sum: &[f32], core_size: i64, embedding: &[f32], exclude: bool) -> Option<f32> {
     let x = super::unit(embedding);
     let (mut dot, mut n) = (super::index::dot(&x, core_sum), core_size as f32);
     if exclude {
         dot -= 1.0;
         n -= 1.0;
     }
-    (n > 0.0).then(|| super::relative(dot / n, mu))
+    (n > 0.0).then(|| dot / n)
+}
+
+/// The evidence of a message against a cluster's core: its
+/// [`average_similarity`], relative to the creator's background `mu`.
+pub fn score(core_sum: &[f32], core_size: i64, embedding: &[f32], exclude: bool, mu: f32) -> Option<f32> {
+    average_similarity(core_sum, core_size, embedding, exclude).map(|s| super::relative(s, mu))
 }
 
 /// The evidence of two clusters against each other: the average

@@ -279,7 +279,8 @@ impl Repository {
             );
             let reviews = Member::find_by_statement(stmt(&sql, [id.into()])).all(&tx).await?;
             for member in reviews {
-                let (left, message, singleton) = split_off(&tx, &cluster.creator_id, id, member, now).await?;
+                let (message, singleton) = split_off(&tx, &cluster.creator_id, id, member, now).await?;
+                let left = cluster_in(&tx, id).await?;
                 held_back.push(HeldBack { message_id: message.id, cluster_id: singleton.id });
                 drafts.push(removal(left, message, singleton));
             }
@@ -329,9 +330,9 @@ impl Repository {
             )));
         }
         let mut lessons = self.lessons(&tx, &cluster.creator_id).await?;
-        lessons.differ(&member_evidence(&tx, cluster_id, &member, &lessons).await?);
+        lessons.differ(member_evidence(&tx, cluster_id, &member, &lessons).await?);
         let now = Utc::now();
-        let (_, message, singleton) = split_off(&tx, &cluster.creator_id, cluster_id, member, now).await?;
+        let (message, singleton) = split_off(&tx, &cluster.creator_id, cluster_id, member, now).await?;
         refresh_labels(&tx, &[cluster_id], self.label_exact_max).await?;
         let left = cluster_in(&tx, cluster_id).await?;
         lessons.save(&tx, &cluster.creator_id).await?;
@@ -364,7 +365,7 @@ impl Repository {
             )));
         }
         let mut lessons = self.lessons(&tx, &cluster.creator_id).await?;
-        lessons.matched(&member_evidence(&tx, cluster_id, &member, &lessons).await?);
+        lessons.matched(member_evidence(&tx, cluster_id, &member, &lessons).await?);
         let now = Utc::now();
         tx.execute_raw(stmt("UPDATE messages SET membership = 'core' WHERE id = $1", [message_id.into()])).await?;
         tx.execute_raw(stmt(
@@ -426,7 +427,7 @@ impl Repository {
         let into = core_of(&tx, target).await?;
         for source in sources {
             let from = core_of(&tx, *source).await?;
-            lessons.matched(&learn::linkage(&into.sum(), into.size(), &from.sum(), from.size(), lessons.mu));
+            lessons.matched(learn::linkage(into.sum(), into.size(), from.sum(), from.size(), lessons.mu));
         }
         let now = Utc::now();
         let ids = uuid_array(sources.iter().copied());
@@ -515,11 +516,11 @@ impl Repository {
 
         let embedding = member.embedding()?;
         let mut lessons = self.lessons(&tx, &creator_id).await?;
-        lessons.differ(&member_evidence(&tx, source_id, &member, &lessons).await?);
+        lessons.differ(member_evidence(&tx, source_id, &member, &lessons).await?);
         let joined = core_of(&tx, cluster_id).await?;
-        let unit = clustering::unit(embedding.as_slice());
-        let similarity = average(&joined, &unit);
-        lessons.matched(&learn::score(&joined.sum(), joined.size(), &unit, false, lessons.mu));
+        let similarity = learn::average_similarity(joined.sum(), joined.size(), embedding.as_slice(), false);
+        lessons.matched(similarity.map(|s| clustering::relative(s, lessons.mu)));
+        let similarity = similarity.unwrap_or(0.0);
 
         let now = Utc::now();
         tx.execute_raw(stmt(
@@ -660,15 +661,15 @@ impl Lessons {
     }
 
     /// The creator separated a message (or cluster) scoring `z`.
-    fn differ(&mut self, z: &Option<f32>) {
-        if let Some(z) = *z {
+    fn differ(&mut self, z: Option<f32>) {
+        if let Some(z) = z {
             self.learn(Correction::Differ { z });
         }
     }
 
     /// The creator put together a message (or cluster) scoring `z`.
-    fn matched(&mut self, z: &Option<f32>) {
-        if let Some(z) = *z {
+    fn matched(&mut self, z: Option<f32>) {
+        if let Some(z) = z {
             self.learn(Correction::Match { z });
         }
     }
@@ -694,8 +695,8 @@ struct CoreRow {
 }
 
 impl CoreRow {
-    fn sum(&self) -> Vec<f32> {
-        self.centroid.to_vec()
+    fn sum(&self) -> &[f32] {
+        self.centroid.as_slice()
     }
 
     fn size(&self) -> i64 {
@@ -710,14 +711,6 @@ async fn core_of(tx: &DatabaseTransaction, id: Uuid) -> Result<CoreRow, RepoErro
         .ok_or(RepoError::NotFound)
 }
 
-/// The average similarity of a unit vector to a cluster's core members.
-fn average(core: &CoreRow, unit: &[f32]) -> f32 {
-    if core.core_size == 0 {
-        return 0.0;
-    }
-    core.centroid.as_slice().iter().zip(unit).map(|(s, x)| s * x).sum::<f32>() / core.core_size as f32
-}
-
 /// The evidence of a member against the core of its cluster (itself left
 /// out when it is core).
 async fn member_evidence(
@@ -728,19 +721,19 @@ async fn member_evidence(
 ) -> Result<Option<f32>, RepoError> {
     let core = core_of(tx, cluster_id).await?;
     let exclude = member.membership()? == Membership::Core;
-    Ok(learn::score(&core.sum(), core.size(), member.embedding()?.as_slice(), exclude, lessons.mu))
+    Ok(learn::score(core.sum(), core.size(), member.embedding()?.as_slice(), exclude, lessons.mu))
 }
 
 /// Takes `member` out of cluster `cluster_id` (open, with other members)
 /// into a new open cluster of its own, as its core member. Returns the
-/// cluster it left, the message and the new cluster.
+/// message and the new cluster.
 async fn split_off(
     tx: &DatabaseTransaction,
     creator_id: &str,
     cluster_id: Uuid,
     member: Member,
     now: DateTime<Utc>,
-) -> Result<(ClusterView, MessageView, ClusterView), RepoError> {
+) -> Result<(MessageView, ClusterView), RepoError> {
     let embedding = member.embedding()?;
     leave(tx, cluster_id, &member, now).await?;
     let sql = format!(
@@ -760,12 +753,11 @@ async fn split_off(
         [member.row.id.into(), singleton.id.into()],
     ))
     .await?;
-    let left = cluster_in(tx, cluster_id).await?;
     let mut message = member.row.view();
     message.cluster_id = Some(singleton.id);
     message.membership = Some(Membership::Core);
     message.similarity = Some(1.0);
-    Ok((left, message, singleton))
+    Ok((message, singleton))
 }
 
 /// The event of a message leaving `left` into `singleton`.
@@ -832,24 +824,17 @@ async fn leave(
     member: &Member,
     now: DateTime<Utc>,
 ) -> Result<(), RepoError> {
-    if member.membership()? == Membership::Core {
-        tx.execute_raw(stmt(
-            "UPDATE clusters SET size = size - 1, core_size = core_size - 1, centroid = centroid - $2, updated_at = $3
-             WHERE id = $1",
-            [cluster_id.into(), member.embedding()?.into(), now.into()],
+    let core = member.membership()? == Membership::Core;
+    let left = tx
+        .query_one_raw(stmt(
+            "UPDATE clusters SET size = size - 1, core_size = core_size - CASE WHEN $3 THEN 1 ELSE 0 END,
+                    centroid = CASE WHEN $3 THEN centroid - $2 ELSE centroid END, updated_at = $4
+             WHERE id = $1 RETURNING core_size = 0 AND size > 0 AS orphaned",
+            [cluster_id.into(), member.embedding()?.into(), core.into(), now.into()],
         ))
-        .await?;
-    } else {
-        tx.execute_raw(stmt(
-            "UPDATE clusters SET size = size - 1, updated_at = $2 WHERE id = $1",
-            [cluster_id.into(), now.into()],
-        ))
-        .await?;
-    }
-    let orphaned = tx
-        .query_one_raw(stmt("SELECT 1 FROM clusters WHERE id = $1 AND core_size = 0 AND size > 0", [cluster_id.into()]))
-        .await?;
-    if orphaned.is_some() {
+        .await?
+        .ok_or(RepoError::NotFound)?;
+    if left.try_get::<bool>("", "orphaned")? {
         promote_all(tx, cluster_id, now).await?;
     }
     Ok(())

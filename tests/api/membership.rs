@@ -10,12 +10,11 @@
 
 use actix_web::http::StatusCode;
 use clusterd::{embedding::HashEmbedder, settings::Settings};
-use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
 use crate::{
     helpers::{TestApp, fresh_database, spawn_app_on, spawn_app_with, test_settings},
-    operations::{Via, action_frame, confirm_frame, event_log, op, post_clustered},
+    operations::{Via, action_frame, confirm_frame, event_log, get, op, post_clustered, sql},
 };
 
 const BASE: &str = "how much is the vip ticket for the paris show";
@@ -50,17 +49,8 @@ fn review_between() -> impl FnOnce(&mut Settings) {
 }
 
 async fn bar_offset(app: &TestApp, creator: &str) -> f32 {
-    let row = app
-        .db
-        .query_one_raw(sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT bar_offset FROM creators WHERE creator_id = $1",
-            [creator.into()],
-        ))
-        .await
-        .expect("read the creator")
-        .expect("the creator has a row");
-    row.try_get("", "bar_offset").expect("an offset")
+    let rows = sql(app, "SELECT bar_offset FROM creators WHERE creator_id = $1", [creator.into()]).await;
+    get(rows.first().expect("the creator has a row"), "bar_offset")
 }
 
 fn id(value: &Value) -> String {

@@ -806,14 +806,18 @@ impl State {
     }
 }
 
-async fn sql(app: &TestApp, query: &str, values: impl IntoIterator<Item = SqlValue>) -> Vec<sea_orm::QueryResult> {
+pub(crate) async fn sql(
+    app: &TestApp,
+    query: &str,
+    values: impl IntoIterator<Item = SqlValue>,
+) -> Vec<sea_orm::QueryResult> {
     app.db
         .query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, query, values))
         .await
         .unwrap_or_else(|e| panic!("{query}: {e}"))
 }
 
-fn get<T: sea_orm::TryGetable>(row: &sea_orm::QueryResult, column: &str) -> T {
+pub(crate) fn get<T: sea_orm::TryGetable>(row: &sea_orm::QueryResult, column: &str) -> T {
     row.try_get("", column).unwrap_or_else(|e| panic!("column {column}: {e:?}"))
 }
 
