@@ -129,6 +129,7 @@ impl From<RepoError> for ApiError {
             RepoError::Conflict(m) => Self::Conflict(m),
             RepoError::Invalid(m) => Self::InvalidRequest(m),
             RepoError::Db(e) => Self::Internal(e.to_string()),
+            RepoError::Invariant(e) => Self::Internal(e.to_string()),
         }
     }
 }

@@ -51,8 +51,31 @@ pub enum RepoError {
     /// A parameter that cannot apply (a cursor from elsewhere, say).
     #[error("{0}")]
     Invalid(String),
+    /// Stored data breaks an invariant the schema and the transactions
+    /// keep: a bug or a hand edit, never the client's fault.
+    #[error("broken invariant: {0}")]
+    Invariant(#[from] Invariant),
     #[error("database error: {0}")]
     Db(#[source] DbErr),
+}
+
+/// What a broken invariant is (see [`RepoError::Invariant`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Invariant {
+    #[error("message {0} has no embedding")]
+    NoEmbedding(uuid::Uuid),
+    #[error("message {0} has no membership")]
+    NoMembership(uuid::Uuid),
+    #[error("cluster {0} vanished under its creator's lock")]
+    ClusterVanished(uuid::Uuid),
+    #[error("cluster {0} has a centroid of another dimension")]
+    Dimensions(uuid::Uuid),
+    /// A statement that always returns a row returned none.
+    #[error("{0} returned no row")]
+    NoRow(&'static str),
+    /// A stored enumeration value this build does not know.
+    #[error("unknown {what} {value:?} in the database")]
+    UnknownValue { what: &'static str, value: String },
 }
 
 impl From<DbErr> for RepoError {
