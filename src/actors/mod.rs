@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!  HTTP / WS ──IngestMessages──▶ ingest ──EmbedMessages──▶ embedder ──ClusterMessages──▶ clustering shard (by creator)
-//!                                                                                              │ Publish
-//!  WS sessions ◀──────────────── bounded channels ◀──────────────── broadcaster ◀──────────────┘
+//!                                                                                              │ Publisher::publish
+//!  WS sessions ◀──── bounded channels (Subscriptions) ◀──── broadcaster ◀──────────────────────┤
+//!                                                             creator operations (HTTP / WS) ──┘ Publisher::publish
 //!  recovery ── at start and periodically: unfinished messages ──▶ embedder / clustering
 //! ```
 //!
@@ -24,7 +25,7 @@ use actix::{Addr, Arbiter, Supervisor};
 use crate::{metrics::Metrics, repository::Repository, settings::Settings};
 
 use self::{
-    broadcaster::Broadcaster,
+    broadcaster::{Publisher, Subscriptions},
     clustering::{ClusteringPool, ClusteringShard},
     embedder::{Embedder, Resolver},
     ingest::Ingest,
@@ -36,7 +37,10 @@ use self::{
 pub struct Pipeline {
     pub ingest: Addr<Ingest>,
     pub embedder: Addr<Embedder>,
-    pub broadcaster: Addr<Broadcaster>,
+    /// The one path committed events take to the subscribers.
+    pub publisher: Publisher,
+    /// Who is subscribed to what, shared by the sessions and the broadcaster.
+    pub subscriptions: Subscriptions,
     pub recovery: Addr<Recovery>,
 }
 
@@ -50,15 +54,13 @@ impl Pipeline {
         metrics: Arc<Metrics>,
     ) -> Self {
         let handle = arbiter.handle();
-        let broadcaster = {
-            let metrics = metrics.clone();
-            Supervisor::start_in_arbiter(&handle, move |_| Broadcaster::new(metrics))
-        };
+        let subscriptions = Subscriptions::new(metrics.clone());
+        let publisher = Publisher::start(&handle, subscriptions.clone());
         let shards = (0..settings.clustering.shards)
             .map(|_| {
-                let (repo, broadcaster, metrics) = (repo.clone(), broadcaster.clone(), metrics.clone());
+                let (repo, publisher, metrics) = (repo.clone(), publisher.clone(), metrics.clone());
                 let cfg = settings.clustering.clone();
-                Supervisor::start_in_arbiter(&handle, move |_| ClusteringShard::new(repo, broadcaster, cfg, metrics))
+                Supervisor::start_in_arbiter(&handle, move |_| ClusteringShard::new(repo, publisher, cfg, metrics))
             })
             .collect();
         let clustering = ClusteringPool::new(shards);
@@ -77,6 +79,6 @@ impl Pipeline {
             let embedder = embedder.clone();
             Supervisor::start_in_arbiter(&handle, move |_| Recovery::new(repo, embedder, clustering, cfg, metrics))
         };
-        Self { ingest, embedder, broadcaster, recovery }
+        Self { ingest, embedder, publisher, subscriptions, recovery }
     }
 }

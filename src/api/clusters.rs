@@ -7,7 +7,6 @@ use uuid::Uuid;
 
 use super::{ApiError, ApiState, auth::Principal, json, parse_id};
 use crate::{
-    actors::broadcaster::Publish,
     domain::validate,
     protocol::{
         self, ActionInput, ActionResult, ClusterView, ConfirmResult, MergeInput, MoveInput, MoveResult, RemoveResult,
@@ -218,7 +217,7 @@ pub(super) async fn move_message(
 
 /// Hands an operation's committed events to the broadcaster, in order.
 fn publish(state: &ApiState, events: Vec<StoredEvent>) {
-    state.pipeline.broadcaster.do_send(Publish { events });
+    state.pipeline.publisher.publish(events);
 }
 
 #[tracing::instrument(skip(principal, state, input))]

@@ -20,10 +20,11 @@
 //! functions as their HTTP endpoints and run one after another in frame
 //! order (each waits for the one before it), so a client that merges and
 //! then actions a cluster gets exactly that; the session keeps reading and
-//! answering other frames meanwhile.
+//! answering other frames meanwhile. Subscriptions, and the last event id
+//! delivered of each, live in the registry the session shares with the
+//! broadcaster ([`Subscriptions`]).
 
 use std::{
-    collections::HashMap,
     future::Future,
     sync::Arc,
     sync::atomic::Ordering,
@@ -37,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{ApiError, ApiState, auth::Principal, clusters, messages};
 use crate::{
-    actors::broadcaster::{Disconnect, SessionId, Subscribe, Unsubscribe},
+    actors::broadcaster::{SessionId, Subscriptions},
     domain::validate,
     protocol::{self, ClientFrame, ErrorBody, FrameError, Operation, ServerFrame},
     repository::StoredEvent,
@@ -65,9 +66,9 @@ pub async fn connect(
         principal,
         _slot: slot,
         stall_limit: state.settings.ws.client_timeout(),
+        subscriptions: state.pipeline.subscriptions.clone(),
         state: state.into_inner(),
         out,
-        subscriptions: HashMap::new(),
         events: None,
         replies: FuturesOrdered::new(),
         last_op: None,
@@ -117,8 +118,9 @@ struct WsSession {
     stall_limit: Duration,
     state: Arc<ApiState>,
     out: actix_ws::Session,
-    /// Subscribed creators and the last event id delivered for each.
-    subscriptions: HashMap<Arc<str>, i64>,
+    /// This session's subscribed creators, and the last event id delivered
+    /// for each, are kept here under its `id`.
+    subscriptions: Subscriptions,
     /// Live events of every subscribed creator; `None` without any.
     events: Option<mpsc::Receiver<StoredEvent>>,
     /// Replies to ingest and operation frames, in frame order.
@@ -170,7 +172,7 @@ impl WsSession {
             }
         };
 
-        self.state.pipeline.broadcaster.do_send(Disconnect { session: self.id });
+        self.subscriptions.remove_session(self.id);
         self.state.metrics.ws_connections.dec();
         match end {
             End::Close(code, description) => {
@@ -302,13 +304,8 @@ impl WsSession {
                 Err(error) => self.reply(error_frame(id, &error)).await,
             },
             ClientFrame::Unsubscribe { id, creator_id } => {
-                if let Some((creator, _)) = self.subscriptions.remove_entry(creator_id.as_str()) {
-                    self.state.pipeline.broadcaster.do_send(Unsubscribe { session: self.id, creator_id: creator });
-                    if self.subscriptions.is_empty() {
-                        // The broadcaster drops its sender now; without
-                        // this, the closed channel would read as "too slow".
-                        self.events = None;
-                    }
+                if self.subscriptions.unsubscribe(self.id, &creator_id) {
+                    self.events = None;
                 }
                 self.reply(ServerFrame::Unsubscribed { id, creator_id }).await
             }
@@ -351,10 +348,9 @@ impl WsSession {
         if since.is_some_and(|s| s < 0) {
             return Err(ApiError::InvalidRequest("since must be a non-negative event id".into()));
         }
-        if self.subscriptions.contains_key(creator_id) {
+        if self.subscriptions.contains(self.id, creator_id) {
             return Err(ApiError::Conflict(format!("already subscribed to {creator_id}")));
         }
-        let creator: Arc<str> = creator_id.into();
         let sink = match self.events {
             Some(_) => None,
             None => {
@@ -363,27 +359,17 @@ impl WsSession {
                 Some(tx)
             }
         };
-        let registered = self
-            .state
-            .pipeline
-            .broadcaster
-            .send(Subscribe { session: self.id, creator_id: creator.clone(), sink })
-            .await;
-        let last = match registered {
-            Ok(()) => self.state.repo.last_event_id(creator_id).await.map_err(ApiError::from),
-            Err(_) => Err(ApiError::Unavailable("the broadcaster is restarting; retry".into())),
-        };
-        match last {
+        self.subscriptions.subscribe(self.id, creator_id.into(), sink);
+        match self.state.repo.last_event_id(creator_id).await {
             Ok(last) => {
-                self.subscriptions.insert(creator, last);
+                self.subscriptions.set_delivered(self.id, creator_id, last);
                 Ok(last)
             }
             Err(error) => {
-                self.state.pipeline.broadcaster.do_send(Unsubscribe { session: self.id, creator_id: creator });
-                if self.subscriptions.is_empty() {
+                if self.subscriptions.unsubscribe(self.id, creator_id) {
                     self.events = None;
                 }
-                Err(error)
+                Err(error.into())
             }
         }
     }
@@ -410,7 +396,7 @@ impl WsSession {
 
     /// Delivers a live event, after any events the channel skipped.
     async fn deliver(&mut self, event: StoredEvent) -> Result<(), End> {
-        let Some(&last) = self.subscriptions.get(&event.creator_id) else { return Ok(()) };
+        let Some(last) = self.subscriptions.delivered(self.id, &event.creator_id) else { return Ok(()) };
         if event.event_id <= last {
             return Ok(()); // already sent by a replay or a gap fill
         }
@@ -419,7 +405,7 @@ impl WsSession {
             self.replay(&creator, Some(last), event.event_id - 1).await?;
         }
         self.send(event.frame.to_string()).await?;
-        self.subscriptions.insert(event.creator_id, event.event_id);
+        self.subscriptions.set_delivered(self.id, &event.creator_id, event.event_id);
         Ok(())
     }
 }

@@ -26,7 +26,7 @@ use lru::LruCache;
 use uuid::Uuid;
 
 use crate::{
-    actors::broadcaster::{Broadcaster, Publish},
+    actors::broadcaster::Publisher,
     clustering::{CreatorIndex, Params},
     metrics::Metrics,
     repository::{Clustered, DecideConfig, RepoError, Repository},
@@ -80,7 +80,7 @@ impl ClusteringPool {
 
 pub struct ClusteringShard {
     repo: Repository,
-    broadcaster: Addr<Broadcaster>,
+    broadcaster: Publisher,
     settings: ClusteringSettings,
     metrics: Arc<Metrics>,
     queue: VecDeque<ClusterItem>,
@@ -97,12 +97,7 @@ pub struct ClusteringShard {
 }
 
 impl ClusteringShard {
-    pub fn new(
-        repo: Repository,
-        broadcaster: Addr<Broadcaster>,
-        settings: ClusteringSettings,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(repo: Repository, broadcaster: Publisher, settings: ClusteringSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             repo,
             broadcaster,
@@ -186,7 +181,7 @@ impl ClusteringShard {
             self.metrics.cluster_decide_seconds.observe(seconds);
         }
         if !events.is_empty() {
-            self.broadcaster.do_send(Publish { events });
+            self.broadcaster.publish(events);
         }
     }
 

@@ -1,0 +1,240 @@
+//! The one registry of live subscriptions, shared by the WebSocket sessions
+//! (which subscribe, record what they delivered, and leave) and the
+//! broadcaster (which delivers).
+//!
+//! A session has one bounded channel for all its creators, registered with
+//! its first subscription and dropped with its last. Delivery never waits: a
+//! session whose channel is full is dropped from the registry, which drops
+//! its sender, so the session reads a closed channel and closes with 1013.
+//!
+//! Two indexes, kept by this type alone: by session (its channel and, per
+//! creator, the last event id it delivered) and by creator (who to deliver
+//! to). A method that touches both takes the session's entry first and
+//! never holds a creator's entry while it takes a session's, so concurrent
+//! callers cannot deadlock; [`Subscriptions::remove_session`] is the one
+//! cleanup (a session closing, a slow one dropped, a broadcaster restart).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use dashmap::{DashMap, mapref::entry::Entry};
+use tokio::sync::mpsc;
+
+use crate::{metrics::Metrics, repository::StoredEvent};
+
+/// Identifies one WebSocket session.
+pub type SessionId = u64;
+
+/// Who is subscribed to what; cheap to clone, every clone is the same
+/// registry.
+#[derive(Clone)]
+pub struct Subscriptions(Arc<Registry>);
+
+struct Registry {
+    sessions: DashMap<SessionId, Session>,
+    subscribers: DashMap<Arc<str>, HashSet<SessionId>>,
+    metrics: Arc<Metrics>,
+}
+
+struct Session {
+    sink: mpsc::Sender<StoredEvent>,
+    /// Subscribed creators and the last event id delivered for each; `None`
+    /// until the session has read where the log stands.
+    creators: HashMap<Arc<str>, Option<i64>>,
+}
+
+impl Subscriptions {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self(Arc::new(Registry { sessions: DashMap::new(), subscribers: DashMap::new(), metrics }))
+    }
+
+    /// Whether `session` is subscribed to `creator_id`.
+    pub fn contains(&self, session: SessionId, creator_id: &str) -> bool {
+        self.0.sessions.get(&session).is_some_and(|s| s.creators.contains_key(creator_id))
+    }
+
+    /// Registers `session` for `creator_id`'s events from now on. A session
+    /// passes `sink` with its first subscription and `None` with the later
+    /// ones; one dropped as too slow a moment ago (its channel is closed and
+    /// it is closing with 1013) is not registered again.
+    pub fn subscribe(&self, session: SessionId, creator_id: Arc<str>, sink: Option<mpsc::Sender<StoredEvent>>) {
+        let registry = &self.0;
+        let mut entry = match (registry.sessions.entry(session), sink) {
+            (Entry::Occupied(mut entry), Some(sink)) => {
+                entry.get_mut().sink = sink;
+                entry.into_ref()
+            }
+            (Entry::Occupied(entry), None) => entry.into_ref(),
+            (Entry::Vacant(entry), Some(sink)) => entry.insert(Session { sink, creators: HashMap::new() }),
+            (Entry::Vacant(_), None) => return,
+        };
+        if entry.creators.insert(creator_id.clone(), None).is_none() {
+            registry.metrics.ws_subscriptions.inc();
+        }
+        registry.subscribers.entry(creator_id).or_default().insert(session);
+    }
+
+    /// The last event id `session` delivered of `creator_id`'s; `None` when
+    /// it is not (or not yet) subscribed.
+    pub fn delivered(&self, session: SessionId, creator_id: &str) -> Option<i64> {
+        self.0.sessions.get(&session).and_then(|s| s.creators.get(creator_id).copied().flatten())
+    }
+
+    /// Records that `session` delivered `creator_id`'s events up to
+    /// `event_id` (or, just subscribed, that the log stood there).
+    pub fn set_delivered(&self, session: SessionId, creator_id: &str, event_id: i64) {
+        if let Some(mut s) = self.0.sessions.get_mut(&session)
+            && let Some(last) = s.creators.get_mut(creator_id)
+        {
+            *last = Some(event_id);
+        }
+    }
+
+    /// Stops delivering `creator_id`'s events to `session`. True when that
+    /// was its last subscription: its sender is dropped now, and the session
+    /// drops its receiver too (else the closed channel would read as "too
+    /// slow").
+    pub fn unsubscribe(&self, session: SessionId, creator_id: &str) -> bool {
+        let registry = &self.0;
+        let Some(mut entry) = registry.sessions.get_mut(&session) else { return false };
+        if entry.creators.remove(creator_id).is_some() {
+            registry.metrics.ws_subscriptions.dec();
+            registry.unlink(creator_id, session);
+        }
+        let now_empty = entry.creators.is_empty();
+        drop(entry);
+        now_empty && registry.sessions.remove_if(&session, |_, s| s.creators.is_empty()).is_some()
+    }
+
+    /// Forgets `session` entirely and drops its sender.
+    pub fn remove_session(&self, session: SessionId) {
+        let registry = &self.0;
+        if let Some((_, removed)) = registry.sessions.remove(&session) {
+            for creator in removed.creators.keys() {
+                registry.metrics.ws_subscriptions.dec();
+                registry.unlink(creator, session);
+            }
+        }
+    }
+
+    /// Drops every session: each closes with 1013 and resumes with `since`.
+    pub fn remove_all(&self) {
+        let sessions: Vec<SessionId> = self.0.sessions.iter().map(|s| *s.key()).collect();
+        for session in sessions {
+            self.remove_session(session);
+        }
+    }
+
+    /// Hands each event to its creator's subscribers, in order, without
+    /// waiting; a session whose channel is full (or closed) is dropped and
+    /// gets none of the later events, which it would have to skip.
+    pub fn deliver(&self, events: Vec<StoredEvent>) {
+        let registry = &self.0;
+        let mut too_slow = HashSet::new();
+        for event in events {
+            registry.metrics.events_published.inc();
+            let Some(sessions) = registry.subscribers.get(&event.creator_id).map(|s| s.clone()) else { continue };
+            for session in sessions {
+                if too_slow.contains(&session) {
+                    continue;
+                }
+                let Some(entry) = registry.sessions.get(&session) else { continue };
+                match entry.sink.try_send(event.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        registry.metrics.ws_slow_closed.inc();
+                        too_slow.insert(session);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        too_slow.insert(session);
+                    }
+                }
+            }
+        }
+        for session in too_slow {
+            self.remove_session(session);
+        }
+    }
+}
+
+impl Registry {
+    fn unlink(&self, creator_id: &str, session: SessionId) {
+        if let Some(mut set) = self.subscribers.get_mut(creator_id) {
+            set.remove(&session);
+        } // the guard goes before the next call: both may lock the same shard
+        self.subscribers.remove_if(creator_id, |_, set| set.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc::error::TryRecvError;
+
+    use super::*;
+
+    fn registry() -> (Subscriptions, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        (Subscriptions::new(metrics.clone()), metrics)
+    }
+
+    #[test]
+    fn a_session_has_one_channel_for_its_creators_closed_with_the_last_of_them() {
+        let (subscriptions, metrics) = registry();
+        let (tx, mut rx) = mpsc::channel(4);
+        subscriptions.subscribe(1, "a".into(), Some(tx));
+        subscriptions.subscribe(1, "b".into(), None);
+        assert_eq!(metrics.ws_subscriptions.get(), 2);
+        assert!(subscriptions.contains(1, "a") && subscriptions.contains(1, "b"));
+        assert!(!subscriptions.contains(2, "a"), "another session subscribed to nothing");
+        assert_eq!(subscriptions.delivered(1, "a"), None, "no position until the session read the log's");
+        subscriptions.set_delivered(1, "a", 7);
+        assert_eq!(subscriptions.delivered(1, "a"), Some(7));
+
+        assert!(!subscriptions.unsubscribe(1, "a"), "b is still subscribed");
+        assert!(!subscriptions.contains(1, "a"));
+        assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty, "the channel stays open for b");
+        assert!(subscriptions.unsubscribe(1, "b"), "b was the last");
+        assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Disconnected);
+        assert_eq!(metrics.ws_subscriptions.get(), 0);
+        assert!(subscriptions.0.sessions.is_empty() && subscriptions.0.subscribers.is_empty());
+    }
+
+    #[test]
+    fn a_dropped_session_is_closed_and_not_registered_again_on_its_old_channel() {
+        let (subscriptions, metrics) = registry();
+        let (tx, mut rx) = mpsc::channel(4);
+        subscriptions.subscribe(1, "a".into(), Some(tx));
+        subscriptions.subscribe(1, "b".into(), None);
+        subscriptions.remove_session(1);
+        assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Disconnected, "the session closes with 1013");
+        assert_eq!(metrics.ws_subscriptions.get(), 0);
+
+        subscriptions.subscribe(1, "c".into(), None);
+        assert!(!subscriptions.contains(1, "c"), "it is closing: no subscription without a channel");
+        assert!(!subscriptions.unsubscribe(1, "a"), "keeps its receiver, to read the close");
+        assert_eq!(metrics.ws_subscriptions.get(), 0);
+        assert!(subscriptions.0.sessions.is_empty() && subscriptions.0.subscribers.is_empty());
+    }
+
+    #[test]
+    fn removing_every_session_closes_each_channel_and_zeroes_the_gauge() {
+        let (subscriptions, metrics) = registry();
+        let receivers: Vec<_> = (1..=3)
+            .map(|session| {
+                let (tx, rx) = mpsc::channel(4);
+                subscriptions.subscribe(session, "a".into(), Some(tx));
+                subscriptions.subscribe(session, format!("own-{session}").into(), None);
+                rx
+            })
+            .collect();
+        assert_eq!(metrics.ws_subscriptions.get(), 6);
+        subscriptions.remove_all();
+        assert_eq!(metrics.ws_subscriptions.get(), 0);
+        for mut rx in receivers {
+            assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Disconnected);
+        }
+        assert!(subscriptions.0.sessions.is_empty() && subscriptions.0.subscribers.is_empty());
+    }
+}
