@@ -8,6 +8,7 @@ pub mod domain;
 pub mod embedding;
 pub mod entities;
 pub mod metrics;
+pub mod operations;
 pub mod protocol;
 pub mod repository;
 pub mod settings;

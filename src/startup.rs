@@ -135,6 +135,7 @@ impl Application {
         let state = web::Data::new(ApiState {
             repo: repo.clone(),
             pipeline: pipeline.clone(),
+            operations: crate::operations::Operations::new(repo.clone(), &pipeline, settings.limits.clone()),
             auth: api::auth::Authenticator::new(&settings.auth, repo.clone()),
             settings,
             metrics,

@@ -70,6 +70,15 @@ impl ApiError {
     pub fn not_found(what: &str) -> Self {
         Self::NotFound(format!("{what} not found"))
     }
+
+    /// Maps a repository error, naming what was not found (where a bare
+    /// "not found" would leave the client guessing).
+    pub fn missing(what: &'static str) -> impl Fn(RepoError) -> Self {
+        move |e| match e {
+            RepoError::NotFound => Self::not_found(what),
+            other => other.into(),
+        }
+    }
 }
 
 impl ResponseError for ApiError {

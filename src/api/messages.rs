@@ -3,41 +3,12 @@
 use actix_web::{HttpResponse, http::StatusCode, web};
 use chrono::Utc;
 
-use super::{ApiError, ApiState, auth::Principal, json, parse_id};
+use super::{ApiError, ApiState, auth::Principal, json, object};
 use crate::{
-    actors::ingest::IngestMessages,
     domain::validate,
-    protocol::{self, BatchInput, BatchItemResult, BatchResult, IngestResult, MessageInput},
-    repository::InsertOutcome,
+    operations::parse_id,
+    protocol::{BatchInput, BatchItemResult, BatchResult, MessageInput},
 };
-
-/// Validates and durably stores messages; used by HTTP and WebSocket alike.
-pub(super) async fn ingest(
-    state: &ApiState,
-    messages: Vec<validate::NewMessage>,
-) -> Result<Vec<InsertOutcome>, ApiError> {
-    let outcomes = state
-        .pipeline
-        .ingest
-        .send(IngestMessages { messages })
-        .await
-        .map_err(|_| ApiError::Unavailable("ingest is restarting; retry later".into()))??;
-    Ok(outcomes)
-}
-
-/// Stores one message; the result and whether it was a duplicate.
-pub(super) async fn ingest_one(state: &ApiState, input: MessageInput) -> Result<IngestResult, ApiError> {
-    let message = validate::message(input, &state.settings.limits, Utc::now())?;
-    let outcome = ingest(state, vec![message])
-        .await?
-        .pop()
-        .ok_or_else(|| ApiError::Internal("ingest returned no outcome".into()))?;
-    Ok(outcome.result().clone())
-}
-
-fn parse_input(value: serde_json::Value) -> Result<MessageInput, ApiError> {
-    protocol::from_object(value).map_err(|e| ApiError::InvalidRequest(format!("invalid message: {e}")))
-}
 
 #[tracing::instrument(skip_all)]
 pub async fn post_message(
@@ -46,8 +17,8 @@ pub async fn post_message(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     principal.may_ingest()?;
-    let input = parse_input(body.into_inner())?;
-    let result = ingest_one(&state, input).await?;
+    let input: MessageInput = object(body.into_inner(), "message")?;
+    let result = state.operations.ingest_one(&principal, input).await?;
     let status = if result.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
     Ok(json(status, &result))
 }
@@ -59,8 +30,7 @@ pub async fn post_batch(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     principal.may_ingest()?;
-    let batch: BatchInput = protocol::from_object(body.into_inner())
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
+    let batch: BatchInput = object(body.into_inner(), "JSON body")?;
     let items = batch.messages;
     let max = state.settings.limits.max_batch;
     if items.is_empty() {
@@ -81,7 +51,7 @@ pub async fn post_batch(
     let mut valid = Vec::new();
     let mut positions = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
-        let checked = parse_input(item)
+        let checked = object(item, "message")
             .and_then(|input| validate::message(input, &state.settings.limits, now).map_err(ApiError::from));
         match checked {
             Ok(message) => {
@@ -93,7 +63,7 @@ pub async fn post_batch(
         }
     }
     if !valid.is_empty() {
-        for (i, outcome) in positions.into_iter().zip(ingest(&state, valid).await?) {
+        for (i, outcome) in positions.into_iter().zip(state.operations.ingest(&principal, valid).await?) {
             results[i] = Some(BatchItemResult::Ok(outcome.result().clone()));
         }
     }
@@ -111,10 +81,7 @@ pub async fn get_message(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "message")?;
-    let message = state.repo.message(id).await.map_err(|e| match e {
-        crate::repository::RepoError::NotFound => ApiError::not_found("message"),
-        other => other.into(),
-    })?;
+    let message = state.repo.message(id).await.map_err(ApiError::missing("message"))?;
     principal.may_read_message(&message.creator_id)?;
     Ok(json(StatusCode::OK, &message))
 }

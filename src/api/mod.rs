@@ -1,5 +1,6 @@
-//! The HTTP and WebSocket API: thin handlers that validate, call the
-//! pipeline or the repository, and map results to the contract's shapes.
+//! The HTTP and WebSocket API: thin handlers that parse, call the
+//! [`Operations`] or a repository read, and map results to the contract's
+//! shapes.
 
 mod admin;
 pub mod auth;
@@ -23,7 +24,7 @@ use actix_web::{
 };
 use tokio::sync::watch;
 
-use crate::{actors::Pipeline, metrics::Metrics, repository::Repository, settings::Settings};
+use crate::{actors::Pipeline, metrics::Metrics, operations::Operations, repository::Repository, settings::Settings};
 
 pub use error::ApiError;
 
@@ -31,6 +32,8 @@ pub use error::ApiError;
 pub struct ApiState {
     pub repo: Repository,
     pub pipeline: Pipeline,
+    /// What both transports ask of clusterd: ingest and the operations.
+    pub operations: Operations,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub auth: auth::Authenticator,
@@ -136,10 +139,10 @@ pub async fn time_limit(
     }
 }
 
-/// Parses an id from a path segment; anything that is not an id names
-/// nothing, so it is a 404 like an unknown id.
-fn parse_id(raw: &str, what: &str) -> Result<uuid::Uuid, ApiError> {
-    raw.parse().map_err(|_| ApiError::not_found(what))
+/// Parses a JSON body that must be an object (a derived deserialiser would
+/// also take an array as positional fields); `what` names it in the error.
+fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T, ApiError> {
+    crate::protocol::from_object(value).map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))
 }
 
 fn json<T: serde::Serialize>(status: actix_web::http::StatusCode, body: &T) -> HttpResponse {

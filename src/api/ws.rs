@@ -16,13 +16,14 @@
 //! a session stops reading, sends the replies still in flight, and closes
 //! with 1001.
 //!
-//! Creator operations (`action`, `remove`, `confirm`, `merge`, `move`) call the same
-//! functions as their HTTP endpoints and run one after another in frame
-//! order (each waits for the one before it), so a client that merges and
-//! then actions a cluster gets exactly that; the session keeps reading and
-//! answering other frames meanwhile. Subscriptions, and the last event id
-//! delivered of each, live in the registry the session shares with the
-//! broadcaster ([`Subscriptions`]).
+//! Ingest and the creator operations (`action`, `remove`, `confirm`,
+//! `merge`, `move`) go to [`crate::operations`], as their HTTP endpoints
+//! do. Operations run one after another in frame order (each waits for the
+//! one before it), so a client that merges and then actions a cluster gets
+//! exactly that; the session keeps reading and answering other frames
+//! meanwhile. Subscriptions, and the last event id delivered of each, live
+//! in the registry the session shares with the broadcaster
+//! ([`Subscriptions`]).
 
 use std::{
     future::Future,
@@ -36,11 +37,12 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use futures_util::{StreamExt, future::LocalBoxFuture, stream::FuturesOrdered};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{ApiError, ApiState, auth::Principal, clusters, messages};
+use super::{ApiError, ApiState, auth::Principal};
 use crate::{
     actors::broadcaster::{SessionId, Subscriptions},
     domain::validate,
-    protocol::{self, ClientFrame, ErrorBody, FrameError, Operation, ServerFrame},
+    operations::OperationRequest,
+    protocol::{self, ClientFrame, ErrorBody, FrameError, MessageInput, ServerFrame},
     repository::StoredEvent,
 };
 
@@ -239,15 +241,16 @@ impl WsSession {
                 return self.reply(error_frame(id, &ApiError::InvalidRequest(message))).await;
             }
         };
-        match frame {
-            ClientFrame::Ping { id } => self.reply(ServerFrame::Pong { id }).await,
-            ClientFrame::Ingest { id, message } => {
+        let (id, request) = split(frame);
+        match request {
+            Request::Ping => self.reply(ServerFrame::Pong { id }).await,
+            Request::Ingest(message) => {
                 if let Err(error) = self.principal.may_ingest() {
                     return self.reply(error_frame(id, &error)).await;
                 }
-                let state = self.state.clone();
+                let (state, principal) = (self.state.clone(), self.principal.clone());
                 self.replies.push_back(Box::pin(async move {
-                    let frame = match messages::ingest_one(&state, message).await {
+                    let frame = match state.operations.ingest_one(&principal, message).await {
                         Ok(r) => ServerFrame::Ack {
                             id,
                             message_id: r.message_id,
@@ -261,49 +264,18 @@ impl WsSession {
                 }));
                 Ok(())
             }
-            ClientFrame::Action { id, cluster_id, response_text, include_review } => {
-                let (state, principal) = (self.state.clone(), self.principal.clone());
-                self.queue_op(id, Operation::Action, async move {
-                    clusters::action(&state, &principal, &cluster_id, &response_text, include_review).await
-                });
+            Request::Operation(request) => {
+                self.queue_op(id, request);
                 Ok(())
             }
-            ClientFrame::Confirm { id, cluster_id, message_id } => {
-                let (state, principal) = (self.state.clone(), self.principal.clone());
-                self.queue_op(id, Operation::Confirm, async move {
-                    clusters::confirm(&state, &principal, &cluster_id, &message_id).await
-                });
-                Ok(())
-            }
-            ClientFrame::Remove { id, cluster_id, message_id } => {
-                let (state, principal) = (self.state.clone(), self.principal.clone());
-                self.queue_op(id, Operation::Remove, async move {
-                    clusters::remove(&state, &principal, &cluster_id, &message_id).await
-                });
-                Ok(())
-            }
-            ClientFrame::Merge { id, cluster_id, cluster_ids } => {
-                let (state, principal) = (self.state.clone(), self.principal.clone());
-                self.queue_op(id, Operation::Merge, async move {
-                    clusters::merge(&state, &principal, &cluster_id, &cluster_ids).await
-                });
-                Ok(())
-            }
-            ClientFrame::Move { id, message_id, cluster_id } => {
-                let (state, principal) = (self.state.clone(), self.principal.clone());
-                self.queue_op(id, Operation::Move, async move {
-                    clusters::move_message(&state, &principal, &message_id, &cluster_id).await
-                });
-                Ok(())
-            }
-            ClientFrame::Subscribe { id, creator_id, since } => match self.subscribe(&creator_id, since).await {
+            Request::Subscribe { creator_id, since } => match self.subscribe(&creator_id, since).await {
                 Ok(last_event_id) => {
                     self.reply(ServerFrame::Subscribed { id, creator_id: creator_id.clone(), last_event_id }).await?;
                     self.replay(&creator_id, since, last_event_id).await
                 }
                 Err(error) => self.reply(error_frame(id, &error)).await,
             },
-            ClientFrame::Unsubscribe { id, creator_id } => {
+            Request::Unsubscribe { creator_id } => {
                 if self.subscriptions.unsubscribe(self.id, &creator_id) {
                     self.events = None;
                 }
@@ -315,11 +287,8 @@ impl WsSession {
     /// Queues a creator operation: it starts once the previous one has
     /// finished, and its `result` (or error) frame takes its place among
     /// the replies.
-    fn queue_op<T, F>(&mut self, id: Option<serde_json::Value>, op: Operation, run: F)
-    where
-        T: serde::Serialize,
-        F: Future<Output = Result<T, ApiError>> + 'static,
-    {
+    fn queue_op(&mut self, id: Option<serde_json::Value>, request: OperationRequest) {
+        let (state, principal) = (self.state.clone(), self.principal.clone());
         let (done, finished) = oneshot::channel::<()>();
         let previous = self.last_op.replace(finished);
         self.replies.push_back(Box::pin(async move {
@@ -327,12 +296,9 @@ impl WsSession {
                 // Err only means "finished": its sender was dropped.
                 let _ = previous.await;
             }
-            let frame = match run.await {
-                Ok(body) => ServerFrame::Result {
-                    id,
-                    op,
-                    result: serde_json::to_value(body).expect("operation results serialise"),
-                },
+            let op = request.op();
+            let frame = match state.operations.run(&principal, request).await {
+                Ok(result) => ServerFrame::Result { id, op, result },
                 Err(error) => error_frame(id, &error),
             };
             drop(done);
@@ -453,4 +419,40 @@ async fn next_event(events: &mut Option<mpsc::Receiver<StoredEvent>>) -> Option<
 fn error_frame(id: Option<serde_json::Value>, error: &ApiError) -> ServerFrame {
     let ErrorBody { code, message } = error.body();
     ServerFrame::Error { id, error: ErrorBody { code, message } }
+}
+
+/// What a client frame asks for, its `id` set apart.
+enum Request {
+    Ping,
+    Ingest(MessageInput),
+    Operation(OperationRequest),
+    Subscribe { creator_id: String, since: Option<i64> },
+    Unsubscribe { creator_id: String },
+}
+
+/// Sets a frame's `id` apart from what it asks, so that one arm of
+/// [`WsSession::on_text`] serves every creator operation.
+fn split(frame: ClientFrame) -> (Option<serde_json::Value>, Request) {
+    use OperationRequest as Op;
+    match frame {
+        ClientFrame::Ping { id } => (id, Request::Ping),
+        ClientFrame::Ingest { id, message } => (id, Request::Ingest(message)),
+        ClientFrame::Subscribe { id, creator_id, since } => (id, Request::Subscribe { creator_id, since }),
+        ClientFrame::Unsubscribe { id, creator_id } => (id, Request::Unsubscribe { creator_id }),
+        ClientFrame::Action { id, cluster_id, response_text, include_review } => {
+            (id, Request::Operation(Op::Action { cluster_id, response_text, include_review }))
+        }
+        ClientFrame::Remove { id, cluster_id, message_id } => {
+            (id, Request::Operation(Op::Remove { cluster_id, message_id }))
+        }
+        ClientFrame::Confirm { id, cluster_id, message_id } => {
+            (id, Request::Operation(Op::Confirm { cluster_id, message_id }))
+        }
+        ClientFrame::Merge { id, cluster_id, cluster_ids } => {
+            (id, Request::Operation(Op::Merge { cluster_id, cluster_ids }))
+        }
+        ClientFrame::Move { id, message_id, cluster_id } => {
+            (id, Request::Operation(Op::Move { message_id, cluster_id }))
+        }
+    }
 }
