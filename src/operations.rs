@@ -41,7 +41,7 @@ use crate::{
     protocol::{
         ActionResult, ClusterView, ConfirmResult, IngestResult, MessageInput, MoveResult, Operation, RemoveResult,
     },
-    repository::{InsertOutcome, Repository},
+    repository::{InsertOutcome, RepoError, Repository, StoredEvent},
     settings::Limits,
 };
 
@@ -184,16 +184,7 @@ impl Operations {
         cluster_id: &str,
         message_id: &str,
     ) -> Result<RemoveResult, ApiError> {
-        let cluster_id = parse_id(cluster_id, "cluster")?;
-        let message_id = parse_id(message_id, "message")?;
-        self.authorize_cluster(principal, cluster_id).await?;
-        let (result, event) = self
-            .repo
-            .remove_message(cluster_id, message_id)
-            .await
-            .map_err(ApiError::missing("message in that cluster"))?;
-        self.publisher.publish(vec![event]);
-        Ok(result)
+        self.change_member(principal, cluster_id, message_id, async |c, m| self.repo.remove_message(c, m).await).await
     }
 
     /// Confirms a review member: it becomes a core member of its cluster.
@@ -204,14 +195,23 @@ impl Operations {
         cluster_id: &str,
         message_id: &str,
     ) -> Result<ConfirmResult, ApiError> {
+        self.change_member(principal, cluster_id, message_id, async |c, m| self.repo.confirm_message(c, m).await).await
+    }
+
+    /// Runs `change` on member `message_id` of cluster `cluster_id` once the
+    /// caller may act on that cluster, and publishes its event.
+    async fn change_member<T>(
+        &self,
+        principal: &Principal,
+        cluster_id: &str,
+        message_id: &str,
+        change: impl AsyncFnOnce(Uuid, Uuid) -> Result<(T, StoredEvent), RepoError>,
+    ) -> Result<T, ApiError> {
         let cluster_id = parse_id(cluster_id, "cluster")?;
         let message_id = parse_id(message_id, "message")?;
         self.authorize_cluster(principal, cluster_id).await?;
-        let (result, event) = self
-            .repo
-            .confirm_message(cluster_id, message_id)
-            .await
-            .map_err(ApiError::missing("message in that cluster"))?;
+        let (result, event) =
+            change(cluster_id, message_id).await.map_err(ApiError::missing("message in that cluster"))?;
         self.publisher.publish(vec![event]);
         Ok(result)
     }

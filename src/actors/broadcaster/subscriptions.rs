@@ -179,12 +179,18 @@ mod tests {
         (Subscriptions::new(metrics.clone()), metrics)
     }
 
-    #[test]
-    fn a_session_has_one_channel_for_its_creators_closed_with_the_last_of_them() {
+    /// Session 1, subscribed to creators `a` and `b` on one channel.
+    fn subscribed_to_a_and_b() -> (Subscriptions, Arc<Metrics>, mpsc::Receiver<StoredEvent>) {
         let (subscriptions, metrics) = registry();
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(4);
         subscriptions.subscribe(1, "a".into(), Some(tx));
         subscriptions.subscribe(1, "b".into(), None);
+        (subscriptions, metrics, rx)
+    }
+
+    #[test]
+    fn a_session_has_one_channel_for_its_creators_closed_with_the_last_of_them() {
+        let (subscriptions, metrics, mut rx) = subscribed_to_a_and_b();
         assert_eq!(metrics.ws_subscriptions.get(), 2);
         assert!(subscriptions.contains(1, "a") && subscriptions.contains(1, "b"));
         assert!(!subscriptions.contains(2, "a"), "another session subscribed to nothing");
@@ -203,10 +209,7 @@ mod tests {
 
     #[test]
     fn a_dropped_session_is_closed_and_not_registered_again_on_its_old_channel() {
-        let (subscriptions, metrics) = registry();
-        let (tx, mut rx) = mpsc::channel(4);
-        subscriptions.subscribe(1, "a".into(), Some(tx));
-        subscriptions.subscribe(1, "b".into(), None);
+        let (subscriptions, metrics, mut rx) = subscribed_to_a_and_b();
         subscriptions.remove_session(1);
         assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Disconnected, "the session closes with 1013");
         assert_eq!(metrics.ws_subscriptions.get(), 0);
