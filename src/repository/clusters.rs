@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Tran
 use uuid::Uuid;
 
 use super::{
-    RepoError, Repository,
+    Invariant, RepoError, Repository,
     events::{self, Draft, StoredEvent},
     lock_creators,
     messages::{MESSAGE_COLUMNS, MessageRow},
@@ -40,7 +40,7 @@ const SAMPLES: i64 = 5;
 pub(super) struct ClusterRow {
     pub id: Uuid,
     pub creator_id: String,
-    pub status: String,
+    pub status: ClusterStatus,
     pub size: i32,
     pub core_size: i32,
     pub label: String,
@@ -56,8 +56,7 @@ impl ClusterRow {
         ClusterView {
             id: self.id,
             creator_id: self.creator_id,
-            // The schema's CHECK constraint admits only the two statuses.
-            status: ClusterStatus::parse(&self.status).unwrap_or(ClusterStatus::Open),
+            status: self.status,
             size: self.size,
             core_size: self.core_size,
             label: self.label,
@@ -606,20 +605,13 @@ struct Member {
 
 impl Member {
     /// The embedding of a clustered message (it has one by construction).
-    fn embedding(&self) -> Result<PgVector, RepoError> {
-        self.embedding
-            .clone()
-            .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("clustered message {} has no embedding", self.row.id))))
+    fn embedding(&self) -> Result<PgVector, Invariant> {
+        self.embedding.clone().ok_or(Invariant::NoEmbedding(self.row.id))
     }
-}
 
-impl Member {
-    fn membership(&self) -> Result<Membership, RepoError> {
-        self.row
-            .membership
-            .as_deref()
-            .and_then(Membership::parse)
-            .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("clustered message {} has no membership", self.row.id))))
+    /// How a clustered message belongs (it has a membership by construction).
+    fn membership(&self) -> Result<Membership, Invariant> {
+        self.row.membership.ok_or(Invariant::NoMembership(self.row.id))
     }
 }
 
@@ -746,7 +738,7 @@ async fn split_off(
     ))
     .one(tx)
     .await?
-    .ok_or_else(|| RepoError::Db(DbErr::Custom("cluster insert returned no row".into())))?
+    .ok_or(Invariant::NoRow("the cluster insert"))?
     .view();
     tx.execute_raw(stmt(
         "UPDATE messages SET cluster_id = $2, membership = 'core', similarity = 1 WHERE id = $1",
@@ -859,7 +851,7 @@ async fn append_all(
     drafts: Vec<Draft>,
     at: DateTime<Utc>,
 ) -> Result<Vec<StoredEvent>, RepoError> {
-    Ok(events::append(tx, [(creator_id.to_owned(), drafts)].into(), at).await?)
+    events::append(tx, [(creator_id.to_owned(), drafts)].into(), at).await
 }
 
 /// Appends the one event of an operation, under the creator's lock.
@@ -869,7 +861,7 @@ async fn append_one(tx: &DatabaseTransaction, draft: Draft, at: DateTime<Utc>) -
 }
 
 fn single(mut events: Vec<StoredEvent>) -> Result<StoredEvent, RepoError> {
-    events.pop().ok_or_else(|| RepoError::Db(DbErr::Custom("an event append returned nothing".into())))
+    Ok(events.pop().ok_or(Invariant::NoRow("an event append"))?)
 }
 
 #[cfg(test)]
