@@ -13,9 +13,12 @@ use uuid::Uuid;
 use super::{
     Invariant, RepoError, Repository,
     bind::{array, bigint_array, text_array},
-    stmt,
+    column_by_id, stmt,
 };
-use crate::protocol::{ClusterView, EventFrame, EventKind, EventTag, MessageView};
+use crate::{
+    entities::creator,
+    protocol::{ClusterView, EventFrame, EventKind, EventTag, MessageView},
+};
 
 /// An event as it leaves the log: its position and the frame text that
 /// subscribers receive, serialised once for all of them.
@@ -133,14 +136,8 @@ impl Repository {
     /// The id of the creator's newest event; 0 when it has none.
     #[tracing::instrument(skip(self))]
     pub async fn last_event_id(&self, creator_id: &str) -> Result<i64, RepoError> {
-        let row = self
-            .db
-            .query_one_raw(stmt("SELECT last_event_id FROM creators WHERE creator_id = $1", [creator_id.into()]))
-            .await?;
-        Ok(match row {
-            Some(row) => row.try_get("", "last_event_id")?,
-            None => 0,
-        })
+        let last = column_by_id::<creator::Entity, _>(&self.db, creator_id, creator::Column::LastEventId).await?;
+        Ok(last.unwrap_or(0))
     }
 
     /// Events with `after < event_id <= upto`, oldest first, at most `limit`.

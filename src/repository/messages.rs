@@ -2,7 +2,9 @@
 //! the search for unfinished work.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, TransactionTrait, Value, prelude::Json};
+use sea_orm::{
+    ConnectionTrait, DbErr, DerivePartialModel, EntityTrait, FromQueryResult, TransactionTrait, Value, prelude::Json,
+};
 use uuid::Uuid;
 
 use super::{
@@ -12,14 +14,17 @@ use super::{
 };
 use crate::{
     domain::validate::NewMessage,
+    entities::message,
     protocol::{IngestResult, Membership, MessageStatus, MessageView, Visitor},
 };
 
 /// The columns of a message as the API shows it (never the embedding).
 pub(super) const MESSAGE_COLUMNS: &str = "id, creator_id, external_id, text, visitor, status, cluster_id, membership, similarity, sent_at, received_at, error";
 
-/// A row of [`MESSAGE_COLUMNS`].
-#[derive(Debug, FromQueryResult)]
+/// A row of [`MESSAGE_COLUMNS`]: read by raw statements (its derived
+/// `FromQueryResult`) and through the entity (a partial model).
+#[derive(Debug, DerivePartialModel)]
+#[sea_orm(entity = "message::Entity")]
 pub(super) struct MessageRow {
     pub id: Uuid,
     pub creator_id: String,
@@ -223,8 +228,8 @@ impl Repository {
 
     #[tracing::instrument(skip(self))]
     pub async fn message(&self, id: Uuid) -> Result<MessageView, RepoError> {
-        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1");
-        MessageRow::find_by_statement(stmt(&sql, [id.into()]))
+        message::Entity::find_by_id(id)
+            .into_partial_model::<MessageRow>()
             .one(&self.db)
             .await?
             .map(MessageRow::view)

@@ -1,6 +1,27 @@
 //! All database access. Handlers and actors call these functions with a
 //! [`Repository`]; no SQL lives anywhere else.
 //!
+//! sea-orm is the way in for every statement; which form a statement takes
+//! is decided per query:
+//! - Plain CRUD goes through the entities of `crate::entities` and their
+//!   `ActiveModel`s: tokens (create, list, revoke, look up by hash), a
+//!   message by id, the owner of a cluster or a message, a single cluster
+//!   (row-locked or not) and a cluster's core, a creator's counter, bar and
+//!   background. The row types that raw statements also fill
+//!   (`MessageRow`, `ClusterRow`) are partial models of those entities, so
+//!   one type reads both ways.
+//! - The hot and set-based statements stay SQL, bound through sea-orm's
+//!   `Statement` ([`bind`] for their arrays): the group insert and the
+//!   `unnest` writes (one statement per batch whatever its size), advisory
+//!   locks, pgvector arithmetic (centroids as sums, `<=>` orderings; the
+//!   clustering actor reaches pgvector this way, with sea-orm's
+//!   `PgVector`), `LATERAL` listings, keyset pages, the event log (appended
+//!   in bulk, read back as the exact frame text).
+//!
+//! Stored states (`status`, `membership`) decode straight into their enums
+//! (see `crate::protocol`); a text this build does not know is an
+//! [`Invariant::UnknownValue`], never a default.
+//!
 //! Writes that change a creator's clusters take the creator's advisory
 //! transaction lock first, so that clustering decisions and creator
 //! operations are serialised per creator across every instance sharing the
@@ -164,6 +185,21 @@ impl Repository {
         self.db.execute_unprepared("SELECT 1").await?;
         Ok(())
     }
+}
+
+/// One column of the row of `E` with primary key `id` (an owner, a
+/// counter), if there is such a row.
+async fn column_by_id<E, T>(
+    db: &impl sea_orm::ConnectionTrait,
+    id: impl Into<<E::PrimaryKey as sea_orm::PrimaryKeyTrait>::ValueType>,
+    column: E::Column,
+) -> Result<Option<T>, DbErr>
+where
+    E: sea_orm::EntityTrait,
+    T: sea_orm::TryGetableMany,
+{
+    use sea_orm::QuerySelect;
+    E::find_by_id(id).select_only().column(column).into_tuple().one(db).await
 }
 
 /// A raw PostgreSQL statement with its bound values.
