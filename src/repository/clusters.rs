@@ -135,6 +135,15 @@ impl Cursor {
     }
 }
 
+/// Maps `NotFound` to `Missing` naming `what` (one of several things a
+/// request names), any other error to itself.
+fn missing(what: impl FnOnce() -> String) -> impl FnOnce(RepoError) -> RepoError {
+    move |e| match e {
+        RepoError::NotFound => RepoError::Missing(format!("{} not found", what())),
+        other => other,
+    }
+}
+
 /// A cursor that does not decode, or belongs to another kind of listing.
 fn bad_cursor() -> RepoError {
     RepoError::Invalid("invalid cursor: pass back a next_cursor of the same listing".into())
@@ -399,10 +408,7 @@ impl Repository {
         target: Uuid,
         sources: &[Uuid],
     ) -> Result<(ClusterView, StoredEvent), RepoError> {
-        let (tx, cluster) = self.begin_on_cluster(target).await.map_err(|e| match e {
-            RepoError::NotFound => RepoError::Missing(format!("cluster {target} not found")),
-            other => other,
-        })?;
+        let (tx, cluster) = self.begin_on_cluster(target).await.map_err(missing(|| format!("cluster {target}")))?;
         // Another creator's clusters are not even locked: to this creator
         // they name nothing.
         let sql = format!(
@@ -476,11 +482,7 @@ impl Repository {
         cluster_id: Uuid,
     ) -> Result<(MoveResult, StoredEvent), RepoError> {
         let message_missing = || RepoError::Missing(format!("message {message_id} not found"));
-        let cluster_missing = || RepoError::Missing(format!("cluster {cluster_id} not found"));
-        let creator_id = self.message_owner(message_id).await.map_err(|e| match e {
-            RepoError::NotFound => message_missing(),
-            other => other,
-        })?;
+        let creator_id = self.message_owner(message_id).await.map_err(missing(|| format!("message {message_id}")))?;
         let tx = self.db.begin().await?;
         lock_creators(&tx, [creator_id.as_str()]).await?;
         let sql = format!("SELECT {MESSAGE_COLUMNS}, embedding FROM messages WHERE id = $1 FOR UPDATE");
@@ -488,10 +490,7 @@ impl Repository {
             Member::find_by_statement(stmt(&sql, [message_id.into()])).one(&tx).await?.ok_or_else(message_missing)?;
         let target =
             cluster::Entity::find_by_id(cluster_id).filter(cluster::Column::CreatorId.eq(&creator_id)).lock_exclusive();
-        let target = one_cluster(&tx, target).await.map_err(|e| match e {
-            RepoError::NotFound => cluster_missing(),
-            other => other,
-        })?;
+        let target = one_cluster(&tx, target).await.map_err(missing(|| format!("cluster {cluster_id}")))?;
         let Some(source_id) = member.row.cluster_id else {
             return Err(RepoError::Conflict(format!(
                 "message {message_id} is not clustered yet (status {}); only clustered messages move",
