@@ -2,7 +2,9 @@
 //! they get back. Shared with `loadtest` so both sides agree by construction.
 
 use chrono::{DateTime, Utc};
+use sea_orm::DeriveValueType;
 use serde::{Deserialize, Serialize};
+use strum::{Display, EnumString, IntoStaticStr};
 use uuid::Uuid;
 
 /// Deserialises `T` from a JSON object only. Derived struct
@@ -86,34 +88,22 @@ pub struct BatchInput {
     pub messages: Vec<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a message is in the pipeline; stored as this text in
+/// `messages.status`.
+///
+/// The stored states derive their text twice, for serde (the API) and for
+/// strum (the database, through sea-orm's `DeriveValueType`, which reads
+/// with `crate::repository::stored`: an unknown text is an error, never a
+/// default); a unit test holds the two to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Display, EnumString, DeriveValueType)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+#[sea_orm(value_type = "String", from_str = "crate::repository::stored")]
 pub enum MessageStatus {
     Pending,
     Embedded,
     Clustered,
     Failed,
-}
-
-impl MessageStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Embedded => "embedded",
-            Self::Clustered => "clustered",
-            Self::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "pending" => Some(Self::Pending),
-            "embedded" => Some(Self::Embedded),
-            "clustered" => Some(Self::Clustered),
-            "failed" => Some(Self::Failed),
-            _ => None,
-        }
-    }
 }
 
 /// The answer to one ingested message.
@@ -142,27 +132,21 @@ pub enum BatchItemResult {
 /// first"): a reply to the cluster answers its `core` members; a `review`
 /// member joined on weaker evidence and waits for the creator to confirm
 /// or remove it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Display, EnumString, IntoStaticStr, DeriveValueType,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+#[sea_orm(value_type = "String", from_str = "crate::repository::stored")]
 pub enum Membership {
     Core,
     Review,
 }
 
 impl Membership {
+    /// The stored text (the derived [`IntoStaticStr`]), for binding arrays.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Core => "core",
-            Self::Review => "review",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "core" => Some(Self::Core),
-            "review" => Some(Self::Review),
-            _ => None,
-        }
+        self.into()
     }
 }
 
@@ -200,28 +184,15 @@ fn six_decimals<S: serde::Serializer>(value: &Option<f32>, serializer: S) -> Res
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Whether a cluster still gathers messages; stored as this text in
+/// `clusters.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Display, EnumString, DeriveValueType)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+#[sea_orm(value_type = "String", from_str = "crate::repository::stored")]
 pub enum ClusterStatus {
     Open,
     Actioned,
-}
-
-impl ClusterStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Open => "open",
-            Self::Actioned => "actioned",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "open" => Some(Self::Open),
-            "actioned" => Some(Self::Actioned),
-            _ => None,
-        }
-    }
 }
 
 /// A cluster as the API shows it. `sample_messages` is filled in listings
@@ -339,48 +310,29 @@ pub struct RemoveResult {
     pub message: MessageView,
 }
 
-/// The kinds of cluster events, as they appear in the `event` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The kinds of cluster events, as they appear in the `event` field and
+/// in `events.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Display, EnumString, IntoStaticStr)]
 pub enum EventKind {
     #[serde(rename = "cluster.created")]
+    #[strum(serialize = "cluster.created")]
     ClusterCreated,
     #[serde(rename = "cluster.updated")]
+    #[strum(serialize = "cluster.updated")]
     ClusterUpdated,
     #[serde(rename = "cluster.actioned")]
+    #[strum(serialize = "cluster.actioned")]
     ClusterActioned,
     #[serde(rename = "cluster.merged")]
+    #[strum(serialize = "cluster.merged")]
     ClusterMerged,
     #[serde(rename = "message.removed")]
+    #[strum(serialize = "message.removed")]
     MessageRemoved,
     /// A review member confirmed into its cluster's core.
     #[serde(rename = "message.confirmed")]
+    #[strum(serialize = "message.confirmed")]
     MessageConfirmed,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ClusterCreated => "cluster.created",
-            Self::ClusterUpdated => "cluster.updated",
-            Self::ClusterActioned => "cluster.actioned",
-            Self::ClusterMerged => "cluster.merged",
-            Self::MessageRemoved => "message.removed",
-            Self::MessageConfirmed => "message.confirmed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::ClusterCreated,
-            Self::ClusterUpdated,
-            Self::ClusterActioned,
-            Self::ClusterMerged,
-            Self::MessageRemoved,
-            Self::MessageConfirmed,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
-    }
 }
 
 /// A server event frame: `{"type": "event", ...}`. Stored as sent in the

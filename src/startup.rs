@@ -89,8 +89,6 @@ pub struct Application {
     port: u16,
     server: Server,
     shutdown: ShutdownHandle,
-    pipeline: Pipeline,
-    repo: Repository,
     /// Runs the pipeline's actors; stopped with the application.
     arbiter: Arbiter,
 }
@@ -159,19 +157,11 @@ impl Application {
         .listen(listener)?
         .run();
         tracing::info!(port, workers, "clusterd is serving");
-        Ok(Self { port, server, shutdown: ShutdownHandle(Arc::new(shutdown)), pipeline, repo, arbiter })
+        Ok(Self { port, server, shutdown: ShutdownHandle(Arc::new(shutdown)), arbiter })
     }
 
     pub fn port(&self) -> u16 {
         self.port
-    }
-
-    pub fn repository(&self) -> &Repository {
-        &self.repo
-    }
-
-    pub fn pipeline(&self) -> &Pipeline {
-        &self.pipeline
     }
 
     /// A handle to shut the application down gracefully from elsewhere.

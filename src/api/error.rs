@@ -129,8 +129,8 @@ impl From<ValidationError> for ApiError {
 impl From<RepoError> for ApiError {
     fn from(err: RepoError) -> Self {
         match err {
-            RepoError::Unavailable(e) => {
-                tracing::warn!(error = %e, "database unavailable");
+            RepoError::Unavailable(_) | RepoError::TimedOut(_) => {
+                tracing::warn!(error = %err, "database unavailable");
                 Self::Unavailable("the database is unavailable; retry later".into())
             }
             RepoError::NotFound => Self::NotFound("not found".into()),

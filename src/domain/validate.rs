@@ -95,12 +95,15 @@ fn short_field(name: &str, value: &str, max: usize) -> Result<(), ValidationErro
 /// `visitor.avatar_url`: an absolute `http` or `https` URL with a host, and
 /// no whitespace or control characters. Dashboards show it as an image: a
 /// `javascript:` or `data:` URL has no business there.
-fn avatar_url(url: &str) -> Result<(), ValidationError> {
-    let after =
-        |scheme: &str| url.get(..scheme.len()).filter(|s| s.eq_ignore_ascii_case(scheme)).map(|_| &url[scheme.len()..]);
-    let rest = after("https://").or_else(|| after("http://"));
-    let has_host = rest.is_some_and(|r| !r.is_empty() && !r.starts_with(['/', '?', '#']));
-    if !has_host || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+///
+/// The `url` crate parses it; two things it forgives are refused on top:
+/// whitespace and control characters (the WHATWG parser strips tabs and
+/// newlines), and slashes where the host should be (`https:///a` parses
+/// with host `a`).
+fn avatar_url(text: &str) -> Result<(), ValidationError> {
+    let web = url::Url::parse(text).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+    let host_first = text.split_once("://").is_some_and(|(_, rest)| !rest.starts_with('/'));
+    if !web || !host_first || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid(
             "visitor.avatar_url must be an absolute http or https URL, without whitespace or control characters",
         ));
@@ -325,6 +328,8 @@ mod tests {
             "https://a b",
             "https://a\u{7}",
             "ftp://x",
+            "https:/a",
+            "https:\\\\a",
         ] {
             assert!(avatar_url(refused).is_err(), "{refused}");
         }

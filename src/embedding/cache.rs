@@ -58,7 +58,25 @@ struct RedisCache {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("invalid redis.url: {0}")]
-    Config(String),
+    Config(#[from] deadpool_redis::CreatePoolError),
+}
+
+/// Why a Redis round trip was skipped or failed; every key of it is then a
+/// miss (logged and counted by the embedder, never returned to a client).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisMiss {
+    #[error("no redis")]
+    NotConfigured,
+    #[error("redis is resting after a failure")]
+    Resting,
+    #[error("{0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    #[error("MGET answered {got} values for {keys} keys")]
+    Count { got: usize, keys: usize },
 }
 
 impl EmbedCache {
@@ -70,7 +88,7 @@ impl EmbedCache {
             Some(url) if !url.expose_secret().is_empty() => {
                 let mut config = deadpool_redis::Config::from_url(url.expose_secret());
                 config.pool = Some(deadpool_redis::PoolConfig::new(redis.pool_size.max(1)));
-                let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| CacheError::Config(e.to_string()))?;
+                let pool = config.create_pool(Some(Runtime::Tokio1))?;
                 Some(RedisCache {
                     pool,
                     ttl_secs: settings.redis_ttl_secs.max(1),
@@ -104,8 +122,8 @@ impl EmbedCache {
 
     /// Redis lookups, one per key, in one round trip; `Err` when Redis is
     /// not configured, resting, failing or slow (every key is then a miss).
-    pub async fn get_redis(&self, keys: &[Key], dimensions: usize) -> Result<Vec<Option<Arc<[f32]>>>, String> {
-        let redis = self.redis.as_ref().ok_or("no redis")?;
+    pub async fn get_redis(&self, keys: &[Key], dimensions: usize) -> Result<Vec<Option<Arc<[f32]>>>, RedisMiss> {
+        let redis = self.redis.as_ref().ok_or(RedisMiss::NotConfigured)?;
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -116,14 +134,14 @@ impl EmbedCache {
         let values: Vec<Option<Vec<u8>>> =
             redis.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await?;
         if values.len() != keys.len() {
-            return Err(format!("MGET answered {} values for {} keys", values.len(), keys.len()));
+            return Err(RedisMiss::Count { got: values.len(), keys: keys.len() });
         }
         Ok(values.into_iter().map(|v| v.and_then(|bytes| decode(&bytes, dimensions))).collect())
     }
 
     /// Stores vectors in Redis with the TTL, in one round trip.
-    pub async fn put_redis(&self, entries: &[(Key, Arc<[f32]>)]) -> Result<(), String> {
-        let redis = self.redis.as_ref().ok_or("no redis")?;
+    pub async fn put_redis(&self, entries: &[(Key, Arc<[f32]>)]) -> Result<(), RedisMiss> {
+        let redis = self.redis.as_ref().ok_or(RedisMiss::NotConfigured)?;
         if entries.is_empty() {
             return Ok(());
         }
@@ -148,20 +166,17 @@ impl RedisCache {
 
     /// Runs one round trip on a pooled connection within the timeout; a
     /// failure sends Redis to rest.
-    async fn run<T, F, Fut>(&self, call: F) -> Result<T, String>
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisMiss>
     where
         F: FnOnce(deadpool_redis::Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         if self.resting() {
-            return Err("redis is resting after a failure".into());
+            return Err(RedisMiss::Resting);
         }
-        let result = tokio::time::timeout(self.timeout, async {
-            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            call(conn).await.map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)));
+        let result = tokio::time::timeout(self.timeout, async { Ok(call(self.pool.get().await?).await?) })
+            .await
+            .unwrap_or(Err(RedisMiss::TimedOut(self.timeout)));
         if result.is_err() {
             self.rest();
         }
@@ -170,12 +185,7 @@ impl RedisCache {
 }
 
 fn redis_key(key: &Key) -> String {
-    let mut out = String::with_capacity(REDIS_PREFIX.len() + 64);
-    out.push_str(REDIS_PREFIX);
-    for b in key {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("{REDIS_PREFIX}{}", hex::encode(key))
 }
 
 fn encode(vector: &[f32]) -> Vec<u8> {

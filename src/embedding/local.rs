@@ -13,10 +13,12 @@
 //!
 //! Speed on a CPU (measured on 2 cores: `benches/embed.rs`):
 //! - The encoder is written here ([`bert`]) rather than taken from
-//!   candle-transformers' `BertModel` (run the same way: texts sorted by
-//!   length within a call, padded): 2.4-2.6x the texts/s on calls of 8-64
-//!   chat messages on one core, 1.2x for a single message, same vectors to
-//!   within 4e-7.
+//!   candle-transformers' `BertModel`, for the two points below: packed
+//!   sequences and the fused ops, which `BertModel` (padded batches,
+//!   candle's element-wise ops) cannot do. candle-transformers is not a
+//!   dependency, so no benchmark here runs the two side by side and no
+//!   speed-up figure is claimed; `tests/api/model.rs` holds the vectors to
+//!   an independent implementation.
 //! - No padding: the tokens of all texts of a call are packed into one
 //!   matrix, so each dense layer (97% of the arithmetic) is one matmul over
 //!   exactly the real tokens, and attention runs per text ([`ops`]). Padded
@@ -40,13 +42,13 @@ mod gelu;
 mod ops;
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use candle_nn::VarBuilder;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use self::bert::{Bert, Config};
+use self::bert::{Bert, Config, ConfigError};
 use super::{Embed, EmbedError, Embeddings};
 use crate::domain::vector;
 
@@ -54,6 +56,23 @@ const MODEL_NAME: &str = "all-MiniLM-L6-v2";
 /// Tokens per forward pass at most: bounds the activations (about 15 KiB a
 /// token at the peak, so about 30 MiB) when a call brings many long texts.
 const MAX_BATCH_TOKENS: usize = 2048;
+
+/// Why the model did not load: each file error names its file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Config { path: PathBuf, source: serde_json::Error },
+    #[error("{}: {source}", path.display())]
+    Unsupported { path: PathBuf, source: ConfigError },
+    #[error("{}: {source}", path.display())]
+    Tokenizer { path: PathBuf, source: tokenizers::Error },
+    #[error("{}: {source}", path.display())]
+    Weights { path: PathBuf, source: candle_core::Error },
+    #[error("max_tokens {max_tokens} is outside 3..={positions} (the model's positions)")]
+    MaxTokens { max_tokens: usize, positions: usize },
+}
 
 pub struct LocalModel {
     tokenizer: Tokenizer,
@@ -65,34 +84,29 @@ impl LocalModel {
     /// `dir` (the sentence-transformers model folder) onto the CPU in `f32`,
     /// truncating texts at `max_tokens` tokens (special tokens included).
     pub fn load(dir: &Path, max_tokens: usize) -> Result<Self, EmbedError> {
-        let file = |name: &str| dir.join(name);
-        let load_err = |what: &Path, e: &dyn std::fmt::Display| EmbedError::Load(format!("{}: {e}", what.display()));
-
-        let config_path = file("config.json");
-        let config: Config = std::fs::read(&config_path)
-            .map_err(|e| load_err(&config_path, &e))
-            .and_then(|raw| serde_json::from_slice(&raw).map_err(|e| load_err(&config_path, &e)))?;
-        config.check().map_err(|e| load_err(&config_path, &e))?;
+        let path = dir.join("config.json");
+        let raw = std::fs::read(&path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+        let config: Config =
+            serde_json::from_slice(&raw).map_err(|source| LoadError::Config { path: path.clone(), source })?;
+        config.check().map_err(|source| LoadError::Unsupported { path, source })?;
         if !(3..=config.max_position_embeddings).contains(&max_tokens) {
-            return Err(EmbedError::Load(format!(
-                "max_tokens {max_tokens} is outside 3..={} (the model's positions)",
-                config.max_position_embeddings
-            )));
+            return Err(LoadError::MaxTokens { max_tokens, positions: config.max_position_embeddings }.into());
         }
 
-        let tokenizer_path = file("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| load_err(&tokenizer_path, &e))?;
+        let path = dir.join("tokenizer.json");
+        let tokenizer_err = |source| LoadError::Tokenizer { path: path.clone(), source };
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(tokenizer_err)?;
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_tokens, ..TruncationParams::default() }))
-            .map_err(|e| load_err(&tokenizer_path, &e))?;
+            .map_err(tokenizer_err)?;
         // Sequences are packed, never padded (see `bert`).
         tokenizer.with_padding(None);
 
-        let weights_path = file("model.safetensors");
-        let weights =
-            candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|e| load_err(&weights_path, &e))?;
+        let path = dir.join("model.safetensors");
+        let weights_err = |source| LoadError::Weights { path: path.clone(), source };
+        let weights = candle_core::safetensors::load(&path, &Device::Cpu).map_err(weights_err)?;
         let vb = VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
-        let bert = Bert::load(&vb, &config).map_err(|e| load_err(&weights_path, &e))?;
+        let bert = Bert::load(&vb, &config).map_err(weights_err)?;
         Ok(Self { tokenizer, bert })
     }
 
@@ -104,11 +118,10 @@ impl LocalModel {
     /// The token ids the model sees for `text`: stripped, with `[CLS]` and
     /// `[SEP]`, truncated.
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
-        let encoding =
-            self.tokenizer.encode_fast(text.trim(), true).map_err(|e| EmbedError::Tokenize(e.to_string()))?;
+        let encoding = self.tokenizer.encode_fast(text.trim(), true).map_err(EmbedError::Tokenize)?;
         let ids = encoding.get_ids();
         if ids.is_empty() || ids.len() > self.bert.max_positions() {
-            return Err(EmbedError::Tokenize(format!("{} tokens for a text of {} bytes", ids.len(), text.len())));
+            return Err(EmbedError::TokenCount { tokens: ids.len(), bytes: text.len() });
         }
         Ok(ids.to_vec())
     }
@@ -127,8 +140,7 @@ impl Embed for LocalModel {
         let mut vectors = Vec::with_capacity(texts.len());
         for run in runs(&lengths, MAX_BATCH_TOKENS) {
             let packed = ids[run.clone()].concat();
-            let hidden =
-                self.bert.forward(&packed, &lengths[run.clone()]).map_err(|e| EmbedError::Inference(e.to_string()))?;
+            let hidden = self.bert.forward(&packed, &lengths[run.clone()]).map_err(EmbedError::Inference)?;
             vectors.extend(mean_pool(&hidden, &lengths[run], width));
         }
         Ok(Embeddings { vectors, tokens: lengths.iter().map(|&l| l as u64).sum() })

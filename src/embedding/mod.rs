@@ -10,8 +10,8 @@ mod provider;
 
 pub use cache::EmbedCache;
 pub use hash::HashEmbedder;
-pub use local::LocalModel;
-pub use openai::OpenAiEmbedder;
+pub use local::{LoadError, LocalModel};
+pub use openai::{OpenAiEmbedder, ProviderError};
 pub use provider::{InferencePool, Provider};
 
 /// What one provider call returns: vectors in input order, and the tokens
@@ -29,15 +29,20 @@ pub enum EmbedError {
     #[error("the provider returned vectors of {got} dimensions, configured: {expected}")]
     Dimensions { expected: usize, got: usize },
     #[error("cannot load the model: {0}")]
-    Load(String),
+    Load(#[from] local::LoadError),
     #[error("tokenizer: {0}")]
-    Tokenize(String),
+    Tokenize(#[source] tokenizers::Error),
+    /// A text the tokenizer turned into no tokens, or more than the model
+    /// has positions for.
+    #[error("tokenizer: {tokens} tokens for a text of {bytes} bytes")]
+    TokenCount { tokens: usize, bytes: usize },
     #[error("model inference: {0}")]
-    Inference(String),
+    Inference(#[source] candle_core::Error),
     /// The provider answered with an error after every attempt, or one that
-    /// retrying cannot fix (4xx other than 429, a malformed body).
+    /// retrying cannot fix (4xx other than 429, a malformed body), or its
+    /// settings cannot work.
     #[error("embedding provider: {0}")]
-    Provider(String),
+    Provider(#[from] openai::ProviderError),
     /// The inference pool is gone (the daemon is stopping).
     #[error("the inference pool has stopped")]
     Stopped,

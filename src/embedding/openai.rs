@@ -60,6 +60,29 @@ const RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
 /// The most characters of an error body quoted in an error message.
 const QUOTED_BODY_CHARS: usize = 300;
 
+/// Why the provider gave no vectors (see [`EmbedError::Provider`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// Settings no request could succeed with.
+    #[error("invalid settings: {0}")]
+    Settings(String),
+    #[error(
+        "no rustls crypto provider is installed: call \
+         rustls::crypto::ring::default_provider().install_default() at start"
+    )]
+    NoCryptoProvider,
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+    /// The request failed ([`RetryService`] wrote its message) or its 2xx
+    /// body did not parse.
+    #[error("{}", describe_openai_error(.0))]
+    Request(#[source] OpenAIError),
+    #[error("malformed response: the indices of the {0} vectors are not 0..{0}")]
+    Indices(usize),
+    #[error("malformed response: a vector has non-finite values")]
+    NonFinite,
+}
+
 pub struct OpenAiEmbedder {
     client: Client<OpenAIConfig>,
     model: String,
@@ -90,7 +113,7 @@ impl OpenAiEmbedder {
     /// and when no rustls crypto provider is installed (reqwest is built
     /// with `rustls-no-provider` and would panic).
     pub fn new(settings: &OpenAiSettings, dimensions: usize, retries: IntCounter) -> Result<Self, EmbedError> {
-        let invalid = |what: String| Err(EmbedError::Provider(format!("invalid settings: {what}")));
+        let invalid = |what: String| Err(ProviderError::Settings(what).into());
         if dimensions == 0 {
             return invalid("embedder.dimensions must be at least 1".into());
         }
@@ -113,11 +136,7 @@ impl OpenAiEmbedder {
             return invalid("embedder.openai.api_key has characters not allowed in an HTTP header".into());
         }
         if rustls::crypto::CryptoProvider::get_default().is_none() {
-            return Err(EmbedError::Provider(
-                "no rustls crypto provider is installed: call \
-                 rustls::crypto::ring::default_provider().install_default() at start"
-                    .into(),
-            ));
+            return Err(ProviderError::NoCryptoProvider.into());
         }
 
         let policy = RetryPolicy {
@@ -126,10 +145,7 @@ impl OpenAiEmbedder {
             backoff_initial: Duration::from_millis(settings.backoff_initial_ms),
             backoff_max: Duration::from_millis(settings.backoff_max_ms),
         };
-        let http = reqwest::Client::builder()
-            .timeout(policy.timeout)
-            .build()
-            .map_err(|e| EmbedError::Provider(format!("cannot build the HTTP client: {e}")))?;
+        let http = reqwest::Client::builder().timeout(policy.timeout).build().map_err(ProviderError::HttpClient)?;
         let base_url = settings.base_url.trim_end_matches('/').to_owned();
         // Organisation and project are cleared: OpenAIConfig::new() reads
         // them from OPENAI_* variables, and the settings are the only source.
@@ -176,7 +192,7 @@ impl OpenAiEmbedder {
             dimensions: self.request_dimensions,
             ..Default::default()
         };
-        let response = self.client.embeddings().create(request).await.map_err(describe_openai_error)?;
+        let response = self.client.embeddings().create(request).await.map_err(ProviderError::Request)?;
         let tokens = u64::from(response.usage.prompt_tokens);
         let vectors = order_and_check(response.data, texts.len(), self.dimensions)?;
         Ok(Embeddings { vectors, tokens })
@@ -195,9 +211,7 @@ fn order_and_check(
     }
     data.sort_unstable_by_key(|e| e.index);
     if data.iter().enumerate().any(|(i, e)| e.index as usize != i) {
-        return Err(EmbedError::Provider(format!(
-            "malformed response: the indices of the {expected} vectors are not 0..{expected}"
-        )));
+        return Err(ProviderError::Indices(expected).into());
     }
     data.into_iter()
         .map(|e| {
@@ -206,7 +220,7 @@ fn order_and_check(
                 return Err(EmbedError::Dimensions { expected: dimensions, got: v.len() });
             }
             if !v.iter().all(|x| x.is_finite()) {
-                return Err(EmbedError::Provider("malformed response: a vector has non-finite values".into()));
+                return Err(ProviderError::NonFinite.into());
             }
             vector::normalise(&mut v);
             Ok(v)
@@ -214,16 +228,16 @@ fn order_and_check(
         .collect()
 }
 
-/// Turns what async-openai returns into our error. [`RetryService`] already
+/// The message of what async-openai returns. [`RetryService`] already
 /// wrote the message of every HTTP and transport failure; what is left is
 /// a 2xx body that does not parse.
-fn describe_openai_error(error: OpenAIError) -> EmbedError {
-    EmbedError::Provider(match error {
+fn describe_openai_error(error: &OpenAIError) -> String {
+    match error {
         OpenAIError::Boxed(failed) => failed.to_string(),
         // The body itself is left out: it can be megabytes of vectors.
         OpenAIError::JSONDeserialize(e, _body) => format!("malformed response body: {e} (not retried)"),
         other => other.to_string(),
-    })
+    }
 }
 
 /// Attempts, timeout and backoff of one request.

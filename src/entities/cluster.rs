@@ -2,14 +2,15 @@
 
 use sea_orm::entity::prelude::*;
 
+use crate::protocol::ClusterStatus;
+
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(table_name = "clusters")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,
     pub creator_id: String,
-    /// `open` | `actioned`.
-    pub status: String,
+    pub status: ClusterStatus,
     /// Members, core and review.
     pub size: i32,
     /// Members a reply answers.

@@ -2,6 +2,8 @@
 
 use sea_orm::entity::prelude::*;
 
+use crate::protocol::{Membership, MessageStatus};
+
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(table_name = "messages")]
 pub struct Model {
@@ -16,12 +18,11 @@ pub struct Model {
     pub raw_payload: Option<Json>,
     pub sent_at: DateTimeUtc,
     pub received_at: DateTimeUtc,
-    /// `pending` | `embedded` | `clustered` | `failed`.
-    pub status: String,
+    pub status: MessageStatus,
     pub error: Option<String>,
     pub cluster_id: Option<Uuid>,
-    /// `core` | `review` once clustered.
-    pub membership: Option<String>,
+    /// Set once clustered.
+    pub membership: Option<Membership>,
     pub similarity: Option<f32>,
     pub embedding: Option<PgVector>,
 }

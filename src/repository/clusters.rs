@@ -9,11 +9,14 @@
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait, prelude::PgVector};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, DerivePartialModel, EntityTrait, FromQueryResult,
+    QueryFilter, QuerySelect, Select, TransactionTrait, prelude::PgVector, sea_query::Expr,
+};
 use uuid::Uuid;
 
 use super::{
-    RepoError, Repository,
+    Invariant, RepoError, Repository,
     events::{self, Draft, StoredEvent},
     lock_creators,
     messages::{MESSAGE_COLUMNS, MessageRow},
@@ -24,6 +27,7 @@ use crate::{
         self, Background, Params,
         learn::{self, Correction},
     },
+    entities::{cluster, creator},
     protocol::{
         ActionResult, ClusterDetail, ClusterList, ClusterStatus, ClusterView, ConfirmResult, EventKind, HeldBack,
         Membership, MessageView, MoveResult, RemoveResult,
@@ -36,11 +40,14 @@ pub(super) const CLUSTER_COLUMNS: &str = "id, creator_id, status, size, core_siz
 /// How many sample messages a listed cluster carries.
 const SAMPLES: i64 = 5;
 
-#[derive(Debug, FromQueryResult)]
+/// A row of [`CLUSTER_COLUMNS`]: read by raw statements (its derived
+/// `FromQueryResult`) and through the entity (a partial model).
+#[derive(Debug, DerivePartialModel)]
+#[sea_orm(entity = "cluster::Entity")]
 pub(super) struct ClusterRow {
     pub id: Uuid,
     pub creator_id: String,
-    pub status: String,
+    pub status: ClusterStatus,
     pub size: i32,
     pub core_size: i32,
     pub label: String,
@@ -56,8 +63,7 @@ impl ClusterRow {
         ClusterView {
             id: self.id,
             creator_id: self.creator_id,
-            // The schema's CHECK constraint admits only the two statuses.
-            status: ClusterStatus::parse(&self.status).unwrap_or(ClusterStatus::Open),
+            status: self.status,
             size: self.size,
             core_size: self.core_size,
             label: self.label,
@@ -126,6 +132,15 @@ impl Cursor {
             ["m", id] => Some(Self::Message(id.parse().ok()?)),
             _ => None,
         }
+    }
+}
+
+/// Maps `NotFound` to `Missing` naming `what` (one of several things a
+/// request names), any other error to itself.
+fn missing(what: impl FnOnce() -> String) -> impl FnOnce(RepoError) -> RepoError {
+    move |e| match e {
+        RepoError::NotFound => RepoError::Missing(format!("{} not found", what())),
+        other => other,
     }
 }
 
@@ -241,12 +256,7 @@ impl Repository {
 
     #[tracing::instrument(skip(self))]
     pub async fn cluster(&self, id: Uuid) -> Result<ClusterView, RepoError> {
-        let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1");
-        ClusterRow::find_by_statement(stmt(&sql, [id.into()]))
-            .one(&self.db)
-            .await?
-            .map(ClusterRow::view)
-            .ok_or(RepoError::NotFound)
+        one_cluster(&self.db, cluster::Entity::find_by_id(id)).await
     }
 
     /// Answers a cluster and closes it. The response answers the core
@@ -280,7 +290,7 @@ impl Repository {
             let reviews = Member::find_by_statement(stmt(&sql, [id.into()])).all(&tx).await?;
             for member in reviews {
                 let (message, singleton) = split_off(&tx, &cluster.creator_id, id, member, now).await?;
-                let left = cluster_in(&tx, id).await?;
+                let left = one_cluster(&tx, cluster::Entity::find_by_id(id)).await?;
                 held_back.push(HeldBack { message_id: message.id, cluster_id: singleton.id });
                 drafts.push(removal(left, message, singleton));
             }
@@ -334,7 +344,7 @@ impl Repository {
         let now = Utc::now();
         let (message, singleton) = split_off(&tx, &cluster.creator_id, cluster_id, member, now).await?;
         refresh_labels(&tx, &[cluster_id], self.label_exact_max).await?;
-        let left = cluster_in(&tx, cluster_id).await?;
+        let left = one_cluster(&tx, cluster::Entity::find_by_id(cluster_id)).await?;
         lessons.save(&tx, &cluster.creator_id).await?;
         let draft = removal(left.clone(), message.clone(), singleton);
         let event = append_one(&tx, draft, now).await?;
@@ -375,7 +385,7 @@ impl Repository {
         .await?;
         refresh_labels(&tx, &[cluster_id], self.label_exact_max).await?;
         lessons.save(&tx, &cluster.creator_id).await?;
-        let cluster = cluster_in(&tx, cluster_id).await?;
+        let cluster = one_cluster(&tx, cluster::Entity::find_by_id(cluster_id)).await?;
         let mut message = member.row.view();
         message.membership = Some(Membership::Core);
         let draft =
@@ -398,10 +408,7 @@ impl Repository {
         target: Uuid,
         sources: &[Uuid],
     ) -> Result<(ClusterView, StoredEvent), RepoError> {
-        let (tx, cluster) = self.begin_on_cluster(target).await.map_err(|e| match e {
-            RepoError::NotFound => RepoError::Missing(format!("cluster {target} not found")),
-            other => other,
-        })?;
+        let (tx, cluster) = self.begin_on_cluster(target).await.map_err(missing(|| format!("cluster {target}")))?;
         // Another creator's clusters are not even locked: to this creator
         // they name nothing.
         let sql = format!(
@@ -450,7 +457,7 @@ impl Repository {
         tx.execute_raw(stmt("DELETE FROM clusters WHERE id = ANY($1)", [ids])).await?;
         refresh_labels(&tx, &[target], self.label_exact_max).await?;
         lessons.save(&tx, &cluster.creator_id).await?;
-        let merged = cluster_in(&tx, target).await?;
+        let merged = one_cluster(&tx, cluster::Entity::find_by_id(target)).await?;
 
         let draft = Draft {
             merged_cluster_ids: Some(sources.to_vec()),
@@ -475,24 +482,15 @@ impl Repository {
         cluster_id: Uuid,
     ) -> Result<(MoveResult, StoredEvent), RepoError> {
         let message_missing = || RepoError::Missing(format!("message {message_id} not found"));
-        let cluster_missing = || RepoError::Missing(format!("cluster {cluster_id} not found"));
-        let creator_id: String = self
-            .db
-            .query_one_raw(stmt("SELECT creator_id FROM messages WHERE id = $1", [message_id.into()]))
-            .await?
-            .ok_or_else(message_missing)?
-            .try_get("", "creator_id")?;
+        let creator_id = self.message_owner(message_id).await.map_err(missing(|| format!("message {message_id}")))?;
         let tx = self.db.begin().await?;
         lock_creators(&tx, [creator_id.as_str()]).await?;
         let sql = format!("SELECT {MESSAGE_COLUMNS}, embedding FROM messages WHERE id = $1 FOR UPDATE");
         let member =
             Member::find_by_statement(stmt(&sql, [message_id.into()])).one(&tx).await?.ok_or_else(message_missing)?;
-        let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1 AND creator_id = $2 FOR UPDATE");
-        let target = ClusterRow::find_by_statement(stmt(&sql, [cluster_id.into(), creator_id.clone().into()]))
-            .one(&tx)
-            .await?
-            .ok_or_else(cluster_missing)?
-            .view();
+        let target =
+            cluster::Entity::find_by_id(cluster_id).filter(cluster::Column::CreatorId.eq(&creator_id)).lock_exclusive();
+        let target = one_cluster(&tx, target).await.map_err(missing(|| format!("cluster {cluster_id}")))?;
         let Some(source_id) = member.row.cluster_id else {
             return Err(RepoError::Conflict(format!(
                 "message {message_id} is not clustered yet (status {}); only clustered messages move",
@@ -507,7 +505,7 @@ impl Repository {
                 "cluster {cluster_id} is actioned; messages move to open clusters"
             )));
         }
-        let source = cluster_in_for_update(&tx, source_id).await?;
+        let source = one_cluster(&tx, cluster::Entity::find_by_id(source_id).lock_exclusive()).await?;
         if source.status == ClusterStatus::Actioned {
             return Err(RepoError::Conflict(format!(
                 "message {message_id} is in actioned cluster {source_id}: it has been answered"
@@ -544,8 +542,9 @@ impl Repository {
             refresh_labels(&tx, &[cluster_id, source_id], self.label_exact_max).await?;
         }
         lessons.save(&tx, &creator_id).await?;
-        let cluster = cluster_in(&tx, cluster_id).await?;
-        let from_cluster = if emptied { None } else { Some(cluster_in(&tx, source_id).await?) };
+        let cluster = one_cluster(&tx, cluster::Entity::find_by_id(cluster_id)).await?;
+        let from_cluster =
+            if emptied { None } else { Some(one_cluster(&tx, cluster::Entity::find_by_id(source_id)).await?) };
         let mut message = member.row.view();
         message.cluster_id = Some(cluster_id);
         message.membership = Some(Membership::Core);
@@ -565,12 +564,7 @@ impl Repository {
     /// What the creator's corrections in this transaction start from: its
     /// background and learned offset, read under the creator's lock.
     async fn lessons(&self, tx: &DatabaseTransaction, creator_id: &str) -> Result<Lessons, RepoError> {
-        let row = BarRow::find_by_statement(stmt(
-            "SELECT background_sum, background_count, bar_offset FROM creators WHERE creator_id = $1",
-            [creator_id.into()],
-        ))
-        .one(tx)
-        .await?;
+        let row = creator::Entity::find_by_id(creator_id).one(tx).await?;
         let (background, offset) = match row {
             Some(row) => (
                 Background {
@@ -588,10 +582,10 @@ impl Repository {
     /// Opens a transaction on a cluster: finds its creator, takes the
     /// creator's lock, then reads the cluster again under it.
     async fn begin_on_cluster(&self, id: Uuid) -> Result<(DatabaseTransaction, ClusterView), RepoError> {
-        let creator_id = self.cluster(id).await?.creator_id;
+        let creator_id = self.cluster_owner(id).await?;
         let tx = self.db.begin().await?;
         lock_creators(&tx, [creator_id.as_str()]).await?;
-        let cluster = cluster_in_for_update(&tx, id).await?;
+        let cluster = one_cluster(&tx, cluster::Entity::find_by_id(id).lock_exclusive()).await?;
         Ok((tx, cluster))
     }
 }
@@ -606,20 +600,13 @@ struct Member {
 
 impl Member {
     /// The embedding of a clustered message (it has one by construction).
-    fn embedding(&self) -> Result<PgVector, RepoError> {
-        self.embedding
-            .clone()
-            .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("clustered message {} has no embedding", self.row.id))))
+    fn embedding(&self) -> Result<PgVector, Invariant> {
+        self.embedding.clone().ok_or(Invariant::NoEmbedding(self.row.id))
     }
-}
 
-impl Member {
-    fn membership(&self) -> Result<Membership, RepoError> {
-        self.row
-            .membership
-            .as_deref()
-            .and_then(Membership::parse)
-            .ok_or_else(|| RepoError::Db(DbErr::Custom(format!("clustered message {} has no membership", self.row.id))))
+    /// How a clustered message belongs (it has a membership by construction).
+    fn membership(&self) -> Result<Membership, Invariant> {
+        self.row.membership.ok_or(Invariant::NoMembership(self.row.id))
     }
 }
 
@@ -631,14 +618,6 @@ async fn member_in(tx: &DatabaseTransaction, message_id: Uuid, cluster_id: Uuid)
         .one(tx)
         .await?
         .ok_or(RepoError::NotFound)
-}
-
-/// A creator's background and learned offset, as stored.
-#[derive(FromQueryResult)]
-struct BarRow {
-    background_sum: Option<PgVector>,
-    background_count: i64,
-    bar_offset: f32,
 }
 
 /// The corrections of one operation: each moves the creator's offset from
@@ -676,11 +655,11 @@ impl Lessons {
 
     async fn save(&self, tx: &DatabaseTransaction, creator_id: &str) -> Result<(), DbErr> {
         if self.offset != self.start {
-            tx.execute_raw(stmt(
-                "UPDATE creators SET bar_offset = $2 WHERE creator_id = $1",
-                [creator_id.into(), self.offset.into()],
-            ))
-            .await?;
+            creator::Entity::update_many()
+                .col_expr(creator::Column::BarOffset, Expr::value(self.offset))
+                .filter(creator::Column::CreatorId.eq(creator_id))
+                .exec(tx)
+                .await?;
         }
         Ok(())
     }
@@ -688,7 +667,8 @@ impl Lessons {
 
 /// A cluster's core: the sum of its core members' embeddings and their
 /// count.
-#[derive(FromQueryResult)]
+#[derive(DerivePartialModel)]
+#[sea_orm(entity = "cluster::Entity")]
 struct CoreRow {
     centroid: PgVector,
     core_size: i32,
@@ -705,10 +685,7 @@ impl CoreRow {
 }
 
 async fn core_of(tx: &DatabaseTransaction, id: Uuid) -> Result<CoreRow, RepoError> {
-    CoreRow::find_by_statement(stmt("SELECT centroid, core_size FROM clusters WHERE id = $1", [id.into()]))
-        .one(tx)
-        .await?
-        .ok_or(RepoError::NotFound)
+    cluster::Entity::find_by_id(id).into_partial_model::<CoreRow>().one(tx).await?.ok_or(RepoError::NotFound)
 }
 
 /// The evidence of a member against the core of its cluster (itself left
@@ -746,7 +723,7 @@ async fn split_off(
     ))
     .one(tx)
     .await?
-    .ok_or_else(|| RepoError::Db(DbErr::Custom("cluster insert returned no row".into())))?
+    .ok_or(Invariant::NoRow("the cluster insert"))?
     .view();
     tx.execute_raw(stmt(
         "UPDATE messages SET cluster_id = $2, membership = 'core', similarity = 1 WHERE id = $1",
@@ -840,16 +817,11 @@ async fn leave(
     Ok(())
 }
 
-/// A cluster as this transaction sees it.
-async fn cluster_in(tx: &DatabaseTransaction, id: Uuid) -> Result<ClusterView, RepoError> {
-    let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1");
-    Ok(ClusterRow::find_by_statement(stmt(&sql, [id.into()])).one(tx).await?.ok_or(RepoError::NotFound)?.view())
-}
-
-/// A cluster, row-locked until the transaction ends.
-async fn cluster_in_for_update(tx: &DatabaseTransaction, id: Uuid) -> Result<ClusterView, RepoError> {
-    let sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1 FOR UPDATE");
-    Ok(ClusterRow::find_by_statement(stmt(&sql, [id.into()])).one(tx).await?.ok_or(RepoError::NotFound)?.view())
+/// The one cluster `select` finds, as `conn` (the pool or a transaction)
+/// sees it; `NotFound` if none. The operations' single-cluster reads: by
+/// id, row-locked (`lock_exclusive`) or not, or also by creator.
+async fn one_cluster(conn: &impl ConnectionTrait, select: Select<cluster::Entity>) -> Result<ClusterView, RepoError> {
+    Ok(select.into_partial_model::<ClusterRow>().one(conn).await?.ok_or(RepoError::NotFound)?.view())
 }
 
 /// Appends the events of an operation, in order, under the creator's lock.
@@ -859,7 +831,7 @@ async fn append_all(
     drafts: Vec<Draft>,
     at: DateTime<Utc>,
 ) -> Result<Vec<StoredEvent>, RepoError> {
-    Ok(events::append(tx, [(creator_id.to_owned(), drafts)].into(), at).await?)
+    events::append(tx, [(creator_id.to_owned(), drafts)].into(), at).await
 }
 
 /// Appends the one event of an operation, under the creator's lock.
@@ -869,7 +841,7 @@ async fn append_one(tx: &DatabaseTransaction, draft: Draft, at: DateTime<Utc>) -
 }
 
 fn single(mut events: Vec<StoredEvent>) -> Result<StoredEvent, RepoError> {
-    events.pop().ok_or_else(|| RepoError::Db(DbErr::Custom("an event append returned nothing".into())))
+    Ok(events.pop().ok_or(Invariant::NoRow("an event append"))?)
 }
 
 #[cfg(test)]
@@ -885,5 +857,39 @@ mod tests {
         }
         assert_eq!(Cursor::decode("not a cursor"), None);
         assert_eq!(Cursor::decode(&URL_SAFE_NO_PAD.encode("s|x|y")), None);
+    }
+}
+
+/// The partial models select what the raw statements' column lists do,
+/// so one row type reads both.
+#[cfg(test)]
+mod entity_tests {
+    use sea_orm::{DbBackend, EntityTrait, PartialModelTrait, QueryTrait};
+
+    use super::*;
+    use crate::entities::message;
+
+    fn sql<E: EntityTrait, M: PartialModelTrait>(select: Select<E>) -> String {
+        M::select_cols(select.select_only()).build(DbBackend::Postgres).to_string()
+    }
+
+    fn assert_selects(sql: &str, table: &str, columns: &str) {
+        let columns: Vec<&str> = columns.split(", ").collect();
+        for c in &columns {
+            assert!(sql.contains(&format!(r#""{table}"."{c}" AS "{c}""#)), "{c} missing from {sql}");
+        }
+        assert_eq!(sql.matches(" AS ").count(), columns.len(), "{sql}");
+    }
+
+    #[test]
+    fn partial_models_select_the_view_columns_and_lock_when_asked() {
+        let id = Uuid::nil();
+        let plain = sql::<_, ClusterRow>(cluster::Entity::find_by_id(id));
+        assert_selects(&plain, "clusters", CLUSTER_COLUMNS);
+        assert!(!plain.contains("FOR UPDATE"), "{plain}");
+        let locked = sql::<_, ClusterRow>(cluster::Entity::find_by_id(id).lock_exclusive());
+        assert!(locked.ends_with(" FOR UPDATE"), "{locked}");
+        assert_selects(&sql::<_, MessageRow>(message::Entity::find_by_id(id)), "messages", MESSAGE_COLUMNS);
+        assert_selects(&sql::<_, CoreRow>(cluster::Entity::find_by_id(id)), "clusters", "centroid, core_size");
     }
 }

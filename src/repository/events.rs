@@ -7,11 +7,18 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, Value, sea_query::ArrayType};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult};
 use uuid::Uuid;
 
-use super::{RepoError, Repository, stmt, text_array};
-use crate::protocol::{ClusterView, EventFrame, EventKind, EventTag, MessageView};
+use super::{
+    Invariant, RepoError, Repository,
+    bind::{array, bigint_array, text_array},
+    column_by_id, stmt,
+};
+use crate::{
+    entities::creator,
+    protocol::{ClusterView, EventFrame, EventKind, EventTag, MessageView},
+};
 
 /// An event as it leaves the log: its position and the frame text that
 /// subscribers receive, serialised once for all of them.
@@ -19,7 +26,6 @@ use crate::protocol::{ClusterView, EventFrame, EventKind, EventTag, MessageView}
 pub struct StoredEvent {
     pub creator_id: Arc<str>,
     pub event_id: i64,
-    pub kind: EventKind,
     pub frame: Arc<str>,
 }
 
@@ -59,7 +65,7 @@ pub(super) async fn append(
     tx: &DatabaseTransaction,
     drafts: BTreeMap<String, Vec<Draft>>,
     at: DateTime<Utc>,
-) -> Result<Vec<StoredEvent>, DbErr> {
+) -> Result<Vec<StoredEvent>, RepoError> {
     let drafts: Vec<(String, Vec<Draft>)> = drafts.into_iter().filter(|(_, d)| !d.is_empty()).collect();
     if drafts.is_empty() {
         return Ok(Vec::new());
@@ -83,9 +89,7 @@ pub(super) async fn append(
     let mut events = Vec::new();
     let (mut creators, mut ids, mut kinds, mut payloads) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (creator_id, drafts) in drafts {
-        let last = *counters
-            .get(&creator_id)
-            .ok_or_else(|| DbErr::Custom(format!("no event counter returned for {creator_id}")))?;
+        let last = *counters.get(&creator_id).ok_or_else(|| Invariant::NoEventCounter(creator_id.clone()))?;
         let first = last - drafts.len() as i64 + 1;
         let creator: Arc<str> = creator_id.as_str().into();
         for (event_id, draft) in (first..).zip(drafts) {
@@ -103,38 +107,28 @@ pub(super) async fn append(
                 from_cluster: draft.from_cluster,
                 at,
             };
-            let json = serde_json::to_value(&frame).map_err(|e| DbErr::Json(e.to_string()))?;
-            events.push(StoredEvent { creator_id: creator.clone(), event_id, kind, frame: json.to_string().into() });
+            // Plain data with string keys (non-finite floats become null).
+            let json = serde_json::to_value(&frame).expect("an event frame always serialises");
+            events.push(StoredEvent { creator_id: creator.clone(), event_id, frame: json.to_string().into() });
             creators.push(creator_id.clone());
             ids.push(event_id);
-            kinds.push(kind.as_str());
-            payloads.push(Value::Json(Some(Box::new(json))));
+            kinds.push(<&str>::from(kind));
+            payloads.push(json);
         }
     }
     tx.execute_raw(stmt(
         "INSERT INTO events (creator_id, event_id, kind, payload, created_at)
          SELECT e.creator_id, e.event_id, e.kind, e.payload, $5
          FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[]) AS e(creator_id, event_id, kind, payload)",
-        [
-            text_array(creators),
-            bigint_array(ids),
-            text_array(kinds),
-            Value::Array(ArrayType::Json, Some(Box::new(payloads))),
-            at.into(),
-        ],
+        [text_array(creators), bigint_array(ids), text_array(kinds), array(payloads), at.into()],
     ))
     .await?;
     Ok(events)
 }
 
-fn bigint_array(items: impl IntoIterator<Item = i64>) -> Value {
-    Value::Array(ArrayType::BigInt, Some(Box::new(items.into_iter().map(|i| Value::BigInt(Some(i))).collect())))
-}
-
 #[derive(Debug, FromQueryResult)]
 struct EventRow {
     event_id: i64,
-    kind: String,
     payload: String,
 }
 
@@ -142,14 +136,8 @@ impl Repository {
     /// The id of the creator's newest event; 0 when it has none.
     #[tracing::instrument(skip(self))]
     pub async fn last_event_id(&self, creator_id: &str) -> Result<i64, RepoError> {
-        let row = self
-            .db
-            .query_one_raw(stmt("SELECT last_event_id FROM creators WHERE creator_id = $1", [creator_id.into()]))
-            .await?;
-        Ok(match row {
-            Some(row) => row.try_get("", "last_event_id")?,
-            None => 0,
-        })
+        let last = column_by_id::<creator::Entity, _>(&self.db, creator_id, creator::Column::LastEventId).await?;
+        Ok(last.unwrap_or(0))
     }
 
     /// Events with `after < event_id <= upto`, oldest first, at most `limit`.
@@ -162,7 +150,7 @@ impl Repository {
         limit: u64,
     ) -> Result<Vec<StoredEvent>, RepoError> {
         let rows = EventRow::find_by_statement(stmt(
-            "SELECT event_id, kind, payload::text AS payload FROM events
+            "SELECT event_id, payload::text AS payload FROM events
              WHERE creator_id = $1 AND event_id > $2 AND event_id <= $3
              ORDER BY event_id LIMIT $4",
             [creator_id.into(), after.into(), upto.into(), (limit as i64).into()],
@@ -170,13 +158,9 @@ impl Repository {
         .all(&self.db)
         .await?;
         let creator: Arc<str> = creator_id.into();
-        rows.into_iter()
-            .map(|r| {
-                let kind = EventKind::parse(&r.kind).ok_or_else(|| {
-                    RepoError::Db(DbErr::Custom(format!("unknown event kind {:?} in the log", r.kind)))
-                })?;
-                Ok(StoredEvent { creator_id: creator.clone(), event_id: r.event_id, kind, frame: r.payload.into() })
-            })
-            .collect()
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredEvent { creator_id: creator.clone(), event_id: r.event_id, frame: r.payload.into() })
+            .collect())
     }
 }

@@ -2,29 +2,38 @@
 //! the search for unfinished work.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, TransactionTrait, Value, prelude::Json, sea_query::ArrayType};
+use sea_orm::{
+    ConnectionTrait, DbErr, DerivePartialModel, EntityTrait, FromQueryResult, TransactionTrait, Value, prelude::Json,
+};
 use uuid::Uuid;
 
-use super::{RepoError, Repository, stmt, uuid_array};
+use super::{
+    Invariant, RepoError, Repository,
+    bind::{array, null_array, text_array, uuid_array},
+    stmt,
+};
 use crate::{
     domain::validate::NewMessage,
+    entities::message,
     protocol::{IngestResult, Membership, MessageStatus, MessageView, Visitor},
 };
 
 /// The columns of a message as the API shows it (never the embedding).
 pub(super) const MESSAGE_COLUMNS: &str = "id, creator_id, external_id, text, visitor, status, cluster_id, membership, similarity, sent_at, received_at, error";
 
-/// A row of [`MESSAGE_COLUMNS`].
-#[derive(Debug, FromQueryResult)]
+/// A row of [`MESSAGE_COLUMNS`]: read by raw statements (its derived
+/// `FromQueryResult`) and through the entity (a partial model).
+#[derive(Debug, DerivePartialModel)]
+#[sea_orm(entity = "message::Entity")]
 pub(super) struct MessageRow {
     pub id: Uuid,
     pub creator_id: String,
     pub external_id: Option<String>,
     pub text: String,
     pub visitor: Option<Json>,
-    pub status: String,
+    pub status: MessageStatus,
     pub cluster_id: Option<Uuid>,
-    pub membership: Option<String>,
+    pub membership: Option<Membership>,
     pub similarity: Option<f32>,
     pub sent_at: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
@@ -33,9 +42,7 @@ pub(super) struct MessageRow {
 
 impl MessageRow {
     pub fn view(self) -> MessageView {
-        // The schema's CHECK constraints admit only the four statuses and
-        // the two memberships.
-        let status = MessageStatus::parse(&self.status).unwrap_or(MessageStatus::Pending);
+        let status = self.status;
         MessageView {
             id: self.id,
             creator_id: self.creator_id,
@@ -44,7 +51,7 @@ impl MessageRow {
             visitor: self.visitor.and_then(|v| serde_json::from_value::<Visitor>(v).ok()),
             status,
             cluster_id: self.cluster_id,
-            membership: self.membership.as_deref().and_then(Membership::parse),
+            membership: self.membership,
             similarity: self.similarity,
             sent_at: self.sent_at,
             received_at: self.received_at,
@@ -76,7 +83,7 @@ pub struct Unfinished {
     pub id: Uuid,
     pub creator_id: String,
     pub text: String,
-    pub status: String,
+    pub status: MessageStatus,
 }
 
 /// The group insert: every message of the group in one statement, through
@@ -107,7 +114,7 @@ struct ExistingRow {
     id: Uuid,
     creator_id: String,
     external_id: Option<String>,
-    status: String,
+    status: MessageStatus,
     cluster_id: Option<Uuid>,
 }
 
@@ -148,14 +155,6 @@ pub struct EmbeddedRow {
     pub creator_id: String,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 impl Repository {
     /// Stores a group of validated messages in one transaction (one fsync)
     /// and tells, per message in order, whether it is new or a duplicate.
@@ -171,7 +170,7 @@ impl Repository {
                     "creator_id": m.creator_id,
                     "external_id": m.external_id,
                     "text": m.text,
-                    "norm_key": hex(&m.norm_key),
+                    "norm_key": hex::encode(m.norm_key),
                     "visitor": m.visitor,
                     "raw_payload": m.raw_payload,
                     "sent_at": m.sent_at,
@@ -190,8 +189,8 @@ impl Repository {
         let duplicates: Vec<&NewMessage> = group.iter().filter(|m| !inserted.contains(&m.id)).collect();
         let mut existing = std::collections::HashMap::new();
         if !duplicates.is_empty() {
-            let creators = super::text_array(duplicates.iter().map(|m| m.creator_id.clone()));
-            let externals = super::text_array(
+            let creators = text_array(duplicates.iter().map(|m| m.creator_id.clone()));
+            let externals = text_array(
                 // Only messages with an external id can conflict.
                 duplicates.iter().map(|m| m.external_id.clone().unwrap_or_default()),
             );
@@ -214,12 +213,12 @@ impl Repository {
                         duplicate: false,
                     }));
                 }
-                let row = existing.get(&(m.creator_id.clone(), m.external_id.clone())).ok_or_else(|| {
-                    RepoError::Db(DbErr::Custom(format!("message {} was neither inserted nor found", m.id)))
-                })?;
+                let row = existing
+                    .get(&(m.creator_id.clone(), m.external_id.clone()))
+                    .ok_or(Invariant::NeitherInsertedNorFound(m.id))?;
                 Ok(InsertOutcome::Duplicate(IngestResult {
                     message_id: row.id,
-                    status: MessageStatus::parse(&row.status).unwrap_or(MessageStatus::Pending),
+                    status: row.status,
                     cluster_id: row.cluster_id,
                     duplicate: true,
                 }))
@@ -229,8 +228,8 @@ impl Repository {
 
     #[tracing::instrument(skip(self))]
     pub async fn message(&self, id: Uuid) -> Result<MessageView, RepoError> {
-        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1");
-        MessageRow::find_by_statement(stmt(&sql, [id.into()]))
+        message::Entity::find_by_id(id)
+            .into_partial_model::<MessageRow>()
             .one(&self.db)
             .await?
             .map(MessageRow::view)
@@ -246,12 +245,8 @@ impl Repository {
         vectors: &[V],
     ) -> Result<Vec<EmbeddedRow>, RepoError> {
         let dimensions = vectors.first().map_or(0, |v| v.as_ref().len());
-        let flat: Vec<Value> = vectors.iter().flat_map(|v| v.as_ref()).map(|x| Value::Float(Some(*x))).collect();
-        let values = [
-            uuid_array(ids.iter().copied()),
-            Value::Array(ArrayType::Float, Some(Box::new(flat))),
-            (dimensions as i32).into(),
-        ];
+        let flat = array(vectors.iter().flat_map(|v| v.as_ref()).copied());
+        let values = [uuid_array(ids.iter().copied()), flat, (dimensions as i32).into()];
         Ok(EmbeddedRow::find_by_statement(stmt(MARK_EMBEDDED, values)).all(&self.db).await?)
     }
 
@@ -294,7 +289,7 @@ impl Repository {
     ) -> Result<Vec<Unfinished>, RepoError> {
         let values = [
             creator_id.map(str::to_owned).into(),
-            ids.map(|ids| uuid_array(ids.iter().copied())).unwrap_or(Value::Array(ArrayType::Uuid, None)),
+            ids.map_or_else(null_array::<Uuid>, |ids| uuid_array(ids.iter().copied())),
         ];
         Ok(Unfinished::find_by_statement(stmt(RETRY_FAILED, values)).all(&self.db).await?)
     }
@@ -305,13 +300,5 @@ impl Repository {
     pub async fn unfinished(&self, received_before: DateTime<Utc>, limit: usize) -> Result<Vec<Unfinished>, RepoError> {
         let values = [received_before.into(), (limit as i64).into()];
         Ok(Unfinished::find_by_statement(stmt(UNFINISHED, values)).all(&self.db).await?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn hex_encodes_lower_case() {
-        assert_eq!(super::hex(&[0, 15, 255]), "000fff");
     }
 }

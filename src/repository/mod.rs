@@ -1,11 +1,33 @@
 //! All database access. Handlers and actors call these functions with a
 //! [`Repository`]; no SQL lives anywhere else.
 //!
+//! sea-orm is the way in for every statement; which form a statement takes
+//! is decided per query:
+//! - Plain CRUD goes through the entities of `crate::entities` and their
+//!   `ActiveModel`s: tokens (create, list, revoke, look up by hash), a
+//!   message by id, the owner of a cluster or a message, a single cluster
+//!   (row-locked or not) and a cluster's core, a creator's counter, bar and
+//!   background. The row types that raw statements also fill
+//!   (`MessageRow`, `ClusterRow`) are partial models of those entities, so
+//!   one type reads both ways.
+//! - The hot and set-based statements stay SQL, bound through sea-orm's
+//!   `Statement` ([`bind`] for their arrays): the group insert and the
+//!   `unnest` writes (one statement per batch whatever its size), advisory
+//!   locks, pgvector arithmetic (centroids as sums, `<=>` orderings; the
+//!   clustering actor reaches pgvector this way, with sea-orm's
+//!   `PgVector`), `LATERAL` listings, keyset pages, the event log (appended
+//!   in bulk, read back as the exact frame text).
+//!
+//! Stored states (`status`, `membership`) decode straight into their enums
+//! (see `crate::protocol`); a text this build does not know is an
+//! [`Invariant::UnknownValue`], never a default.
+//!
 //! Writes that change a creator's clusters take the creator's advisory
 //! transaction lock first, so that clustering decisions and creator
 //! operations are serialised per creator across every instance sharing the
 //! database, and event ids increase by exactly one.
 
+mod bind;
 mod clustering;
 mod clusters;
 mod events;
@@ -14,6 +36,8 @@ pub mod schema;
 mod tokens;
 
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement, Value, sqlx};
+
+use self::bind::{bigint_array, text_array, uuid_array};
 
 pub use clustering::{
     Clustered, DecideConfig, LOAD as LOAD_GROUP_SQL, LOAD_OPEN as LOAD_OPEN_SQL, SUGGEST as SUGGEST_SQL,
@@ -55,12 +79,16 @@ pub enum RepoError {
     /// keep: a bug or a hand edit, never the client's fault.
     #[error("broken invariant: {0}")]
     Invariant(#[from] Invariant),
+    /// A write that did not commit in time (`ingest.commit_timeout_ms`):
+    /// treated as an unavailable database.
+    #[error("no commit within {} ms", .0.as_millis())]
+    TimedOut(std::time::Duration),
     #[error("database error: {0}")]
     Db(#[source] DbErr),
 }
 
 /// What a broken invariant is (see [`RepoError::Invariant`]).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Invariant {
     #[error("message {0} has no embedding")]
     NoEmbedding(uuid::Uuid),
@@ -73,6 +101,13 @@ pub enum Invariant {
     /// A statement that always returns a row returned none.
     #[error("{0} returned no row")]
     NoRow(&'static str),
+    /// A message of a group insert that neither went in nor conflicted
+    /// with a stored one.
+    #[error("message {0} was neither inserted nor found")]
+    NeitherInsertedNorFound(uuid::Uuid),
+    /// The counter upsert of an event append left a creator out.
+    #[error("no event counter returned for {0}")]
+    NoEventCounter(String),
     /// A stored enumeration value this build does not know.
     #[error("unknown {what} {value:?} in the database")]
     UnknownValue { what: &'static str, value: String },
@@ -80,8 +115,26 @@ pub enum Invariant {
 
 impl From<DbErr> for RepoError {
     fn from(err: DbErr) -> Self {
+        // A row that did not decode because of a value [`stored`] refused.
+        if let DbErr::TryIntoErr { source, .. } = &err
+            && let Some(broken) = source.downcast_ref::<Invariant>()
+        {
+            return Self::Invariant(broken.clone());
+        }
         if is_unavailable(&err) { Self::Unavailable(err) } else { Self::Db(err) }
     }
+}
+
+/// Reads a stored enumeration from its text (the `from_str` of the
+/// `DeriveValueType`s in `crate::protocol`): a text this build does not
+/// know is a broken invariant, never a default. sea-orm carries the error
+/// out of the row as a `DbErr::TryIntoErr`, which [`RepoError`]'s `From`
+/// turns back into [`Invariant::UnknownValue`].
+pub(crate) fn stored<T: std::str::FromStr>(value: &str) -> Result<T, Invariant> {
+    value.parse().map_err(|_| {
+        let name = std::any::type_name::<T>();
+        Invariant::UnknownValue { what: name.rsplit("::").next().unwrap_or(name), value: value.to_owned() }
+    })
 }
 
 /// Whether an error means "the database is not there right now" (connection
@@ -126,16 +179,27 @@ impl Repository {
         self
     }
 
-    pub fn connection(&self) -> &DatabaseConnection {
-        &self.db
-    }
-
     /// Whether the database answers a trivial query (readiness).
     pub async fn ping(&self) -> Result<(), RepoError> {
         use sea_orm::ConnectionTrait;
         self.db.execute_unprepared("SELECT 1").await?;
         Ok(())
     }
+}
+
+/// One column of the row of `E` with primary key `id` (an owner, a
+/// counter), if there is such a row.
+async fn column_by_id<E, T>(
+    db: &impl sea_orm::ConnectionTrait,
+    id: impl Into<<E::PrimaryKey as sea_orm::PrimaryKeyTrait>::ValueType>,
+    column: E::Column,
+) -> Result<Option<T>, DbErr>
+where
+    E: sea_orm::EntityTrait,
+    T: sea_orm::TryGetableMany,
+{
+    use sea_orm::QuerySelect;
+    E::find_by_id(id).select_only().column(column).into_tuple().one(db).await
 }
 
 /// A raw PostgreSQL statement with its bound values.
@@ -162,30 +226,65 @@ async fn lock_creators<'a>(
     let mut keys: Vec<i64> = creators.into_iter().map(creator_lock_key).collect();
     keys.sort_unstable();
     keys.dedup();
-    let keys = Value::Array(
-        sea_orm::sea_query::ArrayType::BigInt,
-        Some(Box::new(keys.into_iter().map(|k| Value::BigInt(Some(k))).collect())),
-    );
     tx.execute_raw(stmt(
         "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) AS sorted",
-        [keys],
+        [bigint_array(keys)],
     ))
     .await?;
     Ok(())
 }
 
-/// Values of a `uuid[]` parameter.
-fn uuid_array(ids: impl IntoIterator<Item = uuid::Uuid>) -> Value {
-    Value::Array(
-        sea_orm::sea_query::ArrayType::Uuid,
-        Some(Box::new(ids.into_iter().map(|id| Value::Uuid(Some(id))).collect())),
-    )
-}
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
 
-/// Values of a `text[]` parameter.
-fn text_array<S: Into<String>>(items: impl IntoIterator<Item = S>) -> Value {
-    Value::Array(
-        sea_orm::sea_query::ArrayType::String,
-        Some(Box::new(items.into_iter().map(|s| Value::String(Some(s.into()))).collect())),
-    )
+    use super::*;
+    use crate::protocol::{ClusterStatus, EventKind, Membership, MessageStatus};
+
+    /// The text a state is stored as is the text the API shows (strum's and
+    /// serde's derives agree), and reads back as the same state.
+    fn round_trips<T>(states: &[T])
+    where
+        T: Copy + std::fmt::Debug + PartialEq + std::fmt::Display + std::str::FromStr + serde::Serialize,
+    {
+        for &state in states {
+            let text = state.to_string();
+            assert_eq!(serde_json::to_value(state).expect("a unit variant serialises"), text.as_str());
+            assert_eq!(stored::<T>(&text), Ok(state));
+        }
+    }
+
+    #[test]
+    fn stored_states_are_their_wire_texts() {
+        use MessageStatus::*;
+        round_trips(&[Pending, Embedded, Clustered, Failed]);
+        round_trips(&[ClusterStatus::Open, ClusterStatus::Actioned]);
+        round_trips(&[Membership::Core, Membership::Review]);
+        let kinds = [
+            EventKind::ClusterCreated,
+            EventKind::ClusterUpdated,
+            EventKind::ClusterActioned,
+            EventKind::ClusterMerged,
+            EventKind::MessageRemoved,
+            EventKind::MessageConfirmed,
+        ];
+        for kind in kinds {
+            assert_eq!(serde_json::to_value(kind).expect("a unit variant serialises"), <&str>::from(kind));
+        }
+        assert_eq!(Membership::Review.as_str(), "review");
+    }
+
+    #[test]
+    fn an_unknown_stored_state_is_a_broken_invariant() {
+        let unknown = Invariant::UnknownValue { what: "MessageStatus", value: "queued".into() };
+        assert_eq!(stored::<MessageStatus>("queued"), Err(unknown.clone()));
+        assert_eq!(
+            stored::<ClusterStatus>("Open"),
+            Err(Invariant::UnknownValue { what: "ClusterStatus", value: "Open".into() })
+        );
+        // As sea-orm's DeriveValueType reports it from a row.
+        let decoded = DbErr::TryIntoErr { from: "String", into: "MessageStatus", source: Arc::new(unknown.clone()) };
+        assert!(matches!(RepoError::from(decoded), RepoError::Invariant(ref e) if *e == unknown));
+        assert!(matches!(RepoError::from(DbErr::Custom("other".into())), RepoError::Db(_)));
+    }
 }

@@ -14,6 +14,20 @@ use crate::settings::{DatabaseSettings, IndexSettings};
 /// starting together.
 const MIGRATION_LOCK: i64 = 0x636c_7573_7465_7264; // "clusterd"
 
+/// Why the schema cannot take the configured embedding dimension.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("messages.embedding is missing: run migrations first")]
+    NotMigrated,
+    #[error(
+        "the database stores {stored}-dimensional embeddings but embedder.dimensions is {configured}; \
+         use the same dimension or another database"
+    )]
+    OtherDimension { stored: i32, configured: usize },
+    #[error(transparent)]
+    Db(#[from] DbErr),
+}
+
 /// Opens the connection pool with the configured limits. Every connection
 /// gets the statement timeout and the HNSW search breadth.
 pub async fn connect(settings: &DatabaseSettings, index: &IndexSettings) -> Result<DatabaseConnection, DbErr> {
@@ -45,23 +59,20 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
 /// Pins the embedding columns to `vector(dimensions)`. A fresh schema has
 /// unconstrained columns and gets the dimension now; a schema already
 /// pinned to another dimension is refused with an explanation.
-pub async fn pin_dimension(db: &DatabaseConnection, dimensions: usize) -> Result<(), DbErr> {
+pub async fn pin_dimension(db: &DatabaseConnection, dimensions: usize) -> Result<(), SchemaError> {
     let row = db
         .query_one_raw(stmt(
             "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'messages'::regclass AND attname = 'embedding'",
             [],
         ))
         .await?
-        .ok_or_else(|| DbErr::Custom("messages.embedding is missing: run migrations first".into()))?;
+        .ok_or(SchemaError::NotMigrated)?;
     let current: i32 = row.try_get("", "atttypmod")?;
     if current == dimensions as i32 {
         return Ok(());
     }
     if current > 0 {
-        return Err(DbErr::Custom(format!(
-            "the database stores {current}-dimensional embeddings but embedder.dimensions is {dimensions}; \
-             use the same dimension or another database"
-        )));
+        return Err(SchemaError::OtherDimension { stored: current, configured: dimensions });
     }
     let tx = db.begin().await?;
     tx.execute_raw(stmt("SELECT pg_advisory_xact_lock($1)", [MIGRATION_LOCK.into()])).await?;
@@ -70,7 +81,7 @@ pub async fn pin_dimension(db: &DatabaseConnection, dimensions: usize) -> Result
          ALTER TABLE clusters ALTER COLUMN centroid TYPE vector({dimensions});"
     ))
     .await?;
-    tx.commit().await
+    Ok(tx.commit().await?)
 }
 
 /// Creates the HNSW index on open-cluster centroids with the configured

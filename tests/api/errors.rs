@@ -171,3 +171,34 @@ fn close_code(frame: ws::Frame) -> u16 {
         other => panic!("expected a close frame with a code, got {other:?}"),
     }
 }
+
+/// A stored state this build does not know (a hand edit, a newer version's
+/// value) is an internal error wherever it is read, never taken for another
+/// state.
+#[actix_web::test]
+async fn an_unknown_stored_state_is_an_internal_error_not_a_default() {
+    use sea_orm::ConnectionTrait;
+
+    let app = spawn_app().await;
+    let id = app.post_message("c1", "is the shop open on sunday?").await;
+    let cluster = app.wait_clustered(&id).await["cluster_id"].as_str().expect("a cluster").to_owned();
+    app.db
+        .execute_unprepared(&format!(
+            "ALTER TABLE messages DROP CONSTRAINT messages_status_check;
+             ALTER TABLE clusters DROP CONSTRAINT clusters_status_check;
+             UPDATE messages SET status = 'archived' WHERE id = '{id}';
+             UPDATE clusters SET status = 'archived' WHERE id = '{cluster}';"
+        ))
+        .await
+        .expect("the test database takes the hand edit");
+    for path in
+        [format!("/v1/messages/{id}"), format!("/v1/clusters/{cluster}"), "/v1/creators/c1/clusters?status=all".into()]
+    {
+        let (status, answer) = app.get(&path).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::INTERNAL_SERVER_ERROR, Some("internal")),
+            "{path}: {answer}"
+        );
+    }
+}

@@ -34,7 +34,7 @@ fn assert_vectors(got: &[Vec<f32>], texts: &[String], dimensions: usize) {
 
 fn provider_message(result: Result<clusterd::embedding::Embeddings, EmbedError>) -> String {
     match result {
-        Err(EmbedError::Provider(message)) => message,
+        Err(EmbedError::Provider(error)) => error.to_string(),
         other => panic!("expected a provider error, got {other:?}"),
     }
 }

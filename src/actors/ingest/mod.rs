@@ -13,7 +13,6 @@ use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use actix::prelude::*;
 use futures_util::future::try_join_all;
-use sea_orm::DbErr;
 use tokio::sync::oneshot;
 
 use crate::{
@@ -72,9 +71,9 @@ impl Ingest {
             let started = Instant::now();
             let timeout = self.settings.commit_timeout();
             let commit = async move {
-                tokio::time::timeout(timeout, repo.insert_messages(&messages)).await.unwrap_or_else(|_| {
-                    Err(RepoError::Unavailable(DbErr::Custom(format!("no commit within {} ms", timeout.as_millis()))))
-                })
+                tokio::time::timeout(timeout, repo.insert_messages(&messages))
+                    .await
+                    .unwrap_or(Err(RepoError::TimedOut(timeout)))
             };
             ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
                 act.commits_in_flight -= 1;
@@ -92,8 +91,8 @@ impl Ingest {
             Ok(outcomes) => outcomes,
             Err(err) => {
                 let err = match err {
-                    RepoError::Unavailable(e) => {
-                        tracing::warn!(error = %e, "group commit failed: database unavailable");
+                    RepoError::Unavailable(_) | RepoError::TimedOut(_) => {
+                        tracing::warn!(error = %err, "group commit failed: database unavailable");
                         IngestError::Unavailable
                     }
                     other => {

@@ -17,6 +17,7 @@ use crate::{
         embedder::{EmbedItem, EmbedMessages, Embedder},
     },
     metrics::Metrics,
+    protocol::MessageStatus,
     repository::Repository,
     settings::RecoverySettings,
 };
@@ -96,7 +97,7 @@ impl Handler<Sweep> for Recovery {
             act.metrics.messages_recovered.inc_by(found.len() as u64);
             let (mut to_embed, mut to_cluster) = (Vec::new(), Vec::new());
             for m in found {
-                if m.status == "pending" {
+                if m.status == MessageStatus::Pending {
                     to_embed.push(EmbedItem { id: m.id, creator_id: m.creator_id, text: m.text });
                 } else {
                     to_cluster.push(ClusterItem { id: m.id, creator_id: m.creator_id });

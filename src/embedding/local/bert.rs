@@ -43,23 +43,33 @@ fn absolute() -> String {
     "absolute".into()
 }
 
+/// A `config.json` this forward pass does not implement.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("hidden_act {0:?}: only \"gelu\" (exact erf) is implemented")]
+    Activation(String),
+    #[error("position_embedding_type {0:?} is not implemented")]
+    PositionEmbedding(String),
+    #[error("hidden_size {hidden} is not a multiple of {heads} heads")]
+    Heads { hidden: usize, heads: usize },
+    #[error("type_vocab_size is 0")]
+    NoTokenTypes,
+}
+
 impl Config {
     /// Refuses what this forward pass does not implement.
-    pub fn check(&self) -> std::result::Result<(), String> {
+    pub fn check(&self) -> std::result::Result<(), ConfigError> {
         if self.hidden_act != "gelu" {
-            return Err(format!("hidden_act {:?}: only \"gelu\" (exact erf) is implemented", self.hidden_act));
+            return Err(ConfigError::Activation(self.hidden_act.clone()));
         }
         if self.position_embedding_type != "absolute" {
-            return Err(format!("position_embedding_type {:?} is not implemented", self.position_embedding_type));
+            return Err(ConfigError::PositionEmbedding(self.position_embedding_type.clone()));
         }
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
-                "hidden_size {} is not a multiple of {} heads",
-                self.hidden_size, self.num_attention_heads
-            ));
+            return Err(ConfigError::Heads { hidden: self.hidden_size, heads: self.num_attention_heads });
         }
         if self.type_vocab_size == 0 {
-            return Err("type_vocab_size is 0".into());
+            return Err(ConfigError::NoTokenTypes);
         }
         Ok(())
     }
