@@ -16,7 +16,7 @@ mod tokens;
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement, Value, sqlx};
 
 pub use clustering::{
-    Clustered, DecideConfig, LOAD as LOAD_GROUP_SQL, LOAD_OPEN as LOAD_OPEN_SQL, SUGGEST as SUGGEST_SQL,
+    CreatorState, GroupRows, LOAD as LOAD_GROUP_SQL, LOAD_OPEN as LOAD_OPEN_SQL, SUGGEST as SUGGEST_SQL, StoredOpen,
 };
 pub use clusters::{ClusterFilter, ClusterSort, ListQuery};
 pub use events::StoredEvent;
@@ -70,6 +70,9 @@ pub enum Invariant {
     ClusterVanished(uuid::Uuid),
     #[error("cluster {0} has a centroid of another dimension")]
     Dimensions(uuid::Uuid),
+    /// A message of a creator the clustering decision holds no index of.
+    #[error("no index for creator {0}")]
+    NoIndex(String),
     /// A statement that always returns a row returned none.
     #[error("{0} returned no row")]
     NoRow(&'static str),

@@ -4,15 +4,17 @@
 //! instances the creator's advisory lock (taken in the transaction)
 //! serialises decisions.
 //!
-//! A shard owns the in-memory indexes of its creators' open clusters
-//! (`crate::clustering`), at most `clustering.cached_creators` of them,
-//! least recently used first out. It decides everything queued (up to
-//! `clustering.max_group`) in one transaction, which also brings each
-//! index up to date with the database, then publishes the resulting
-//! events to the broadcaster.
+//! A shard owns a [`Decider`], which holds the in-memory indexes of its
+//! creators' open clusters (`crate::clustering`), at most
+//! `clustering.cached_creators` of them, least recently used first out.
+//! The shard decides everything queued (up to `clustering.max_group`) in
+//! one transaction (see [`decider`]), then publishes the resulting events
+//! to the broadcaster.
 //! When a group fails for a reason other than the database being away, its
 //! messages are decided one by one, and a message that fails alone is
 //! marked `failed` with the error: one bad message never holds up others.
+
+pub mod decider;
 
 use std::{
     collections::VecDeque,
@@ -22,14 +24,13 @@ use std::{
 };
 
 use actix::prelude::*;
-use lru::LruCache;
 use uuid::Uuid;
 
+use self::decider::{Decided, Decider};
 use crate::{
     actors::broadcaster::{Broadcaster, Publish},
-    clustering::{CreatorIndex, Params},
     metrics::Metrics,
-    repository::{Clustered, DecideConfig, RepoError, Repository},
+    repository::{RepoError, Repository, StoredEvent},
     settings::ClusteringSettings,
 };
 
@@ -86,9 +87,8 @@ pub struct ClusteringShard {
     queue: VecDeque<ClusterItem>,
     /// Messages of a failed group, to be decided one per transaction.
     isolated: VecDeque<ClusterItem>,
-    /// Open-cluster indexes by creator; out of the actor while a group is
-    /// being decided (`busy`).
-    indexes: Option<LruCache<String, CreatorIndex>>,
+    /// Out of the actor while it decides a group (`busy`).
+    decider: Option<Decider>,
     busy: bool,
     /// This shard's share of the queue gauge, which all shards add to.
     reported_queue: i64,
@@ -110,11 +110,15 @@ impl ClusteringShard {
             metrics,
             queue: VecDeque::new(),
             isolated: VecDeque::new(),
-            indexes: Some(LruCache::unbounded()),
+            decider: None,
             busy: false,
             reported_queue: 0,
             reported_indexes: 0,
         }
+    }
+
+    fn new_decider(&self) -> Decider {
+        Decider::new(self.repo.clone(), (&self.settings).into())
     }
 
     fn decide_queued(&mut self, ctx: &mut Context<Self>) {
@@ -135,33 +139,22 @@ impl ClusteringShard {
             return;
         }
         self.busy = true;
-        let config =
-            DecideConfig { params: Params::from(&self.settings), suggest_threshold: self.settings.suggest_threshold };
-        let mut indexes = self.indexes.take().unwrap_or_else(LruCache::unbounded);
-        let repo = self.repo.clone();
+        let mut decider = self.decider.take().unwrap_or_else(|| self.new_decider());
         let started = Instant::now();
         let ids: Vec<(Uuid, String)> = group.iter().map(|i| (i.id, i.creator_id.clone())).collect();
         let work = async move {
-            let result = repo.cluster_messages(&ids, &mut indexes, &config).await;
-            (indexes, result)
+            let result = decider.decide(&ids).await;
+            (decider, result)
         };
-        ctx.spawn(work.into_actor(self).map(move |(mut indexes, result), act, ctx| {
+        ctx.spawn(work.into_actor(self).map(move |(decider, result), act, ctx| {
             act.busy = false;
-            if result.is_err() {
-                // The indexes may hold decisions that were rolled back.
-                for item in &group {
-                    indexes.pop(&item.creator_id);
-                }
-            }
-            while indexes.len() > act.settings.cached_creators {
-                indexes.pop_lru();
-            }
-            act.metrics.cluster_indexed_creators.add(indexes.len() as i64 - act.reported_indexes);
-            act.reported_indexes = indexes.len() as i64;
-            act.indexes = Some(indexes);
+            let indexed = decider.indexed() as i64;
+            act.metrics.cluster_indexed_creators.add(indexed - act.reported_indexes);
+            act.reported_indexes = indexed;
+            act.decider = Some(decider);
             act.metrics.cluster_commit_seconds.observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(clustered) => act.published(clustered),
+                Ok(decided) => act.decided(decided),
                 Err(RepoError::Unavailable(error)) => {
                     // The group stays `embedded`; the recovery sweep retries it.
                     act.metrics.pipeline_errors.with_label_values(&["cluster"]).inc();
@@ -177,8 +170,8 @@ impl ClusteringShard {
         }));
     }
 
-    fn published(&mut self, clustered: Clustered) {
-        let Clustered { events, decisions, rebuilt } = clustered;
+    fn decided(&mut self, decided: Decided) {
+        let Decided { events, decisions, rebuilt } = decided;
         self.metrics.messages_clustered.inc_by(events.len() as u64);
         self.metrics.cluster_index_rebuilds.inc_by(rebuilt as u64);
         for (reason, seconds) in decisions {
@@ -186,8 +179,13 @@ impl ClusteringShard {
             self.metrics.cluster_decide_seconds.observe(seconds);
         }
         if !events.is_empty() {
-            self.broadcaster.do_send(Publish { events });
+            self.publish(events);
         }
+    }
+
+    /// Hands committed events to the subscribers.
+    fn publish(&self, events: Vec<StoredEvent>) {
+        self.broadcaster.do_send(Publish { events });
     }
 
     /// Marks a message that cannot be clustered as `failed`, with the error.
@@ -195,14 +193,12 @@ impl ClusteringShard {
         tracing::error!(message_id = %item.id, %error, "message cannot be clustered; marking it failed");
         self.metrics.pipeline_errors.with_label_values(&["cluster"]).inc();
         let (repo, id) = (self.repo.clone(), item.id);
-        ctx.spawn(
-            async move {
-                if let Err(e) = repo.mark_failed(id, &error).await {
-                    tracing::warn!(message_id = %id, error = %e, "could not mark the message failed; the sweep retries it");
-                }
+        let mark = async move {
+            if let Err(e) = repo.mark_failed(id, &error).await {
+                tracing::warn!(message_id = %id, error = %e, "could not mark the message failed; the sweep retries it");
             }
-            .into_actor(self),
-        );
+        };
+        ctx.spawn(mark.into_actor(self));
     }
 }
 
@@ -215,7 +211,7 @@ impl Supervised for ClusteringShard {
         // Queued messages are `embedded` in the database: the sweep finds them.
         self.queue.clear();
         self.isolated.clear();
-        self.indexes = Some(LruCache::unbounded());
+        self.decider = None;
         self.busy = false;
     }
 }
