@@ -13,6 +13,9 @@
 //! When a group fails for a reason other than the database being away, its
 //! messages are decided one by one, and a message that fails alone is
 //! marked `failed` with the error: one bad message never holds up others.
+//! A [`Flush`] resolves once every message queued before it is decided and
+//! published, or marked failed, or deferred to the recovery sweep (the
+//! database unavailable).
 
 pub mod decider;
 
@@ -24,11 +27,15 @@ use std::{
 };
 
 use actix::prelude::*;
+use futures_util::future::join_all;
 use uuid::Uuid;
 
 use self::decider::{Decided, Decider};
 use crate::{
-    actors::broadcaster::{Broadcaster, Publish},
+    actors::{
+        broadcaster::{Broadcaster, Publish},
+        flush::{Flush, Waiting},
+    },
     metrics::Metrics,
     repository::{RepoError, Repository, StoredEvent},
     settings::ClusteringSettings,
@@ -77,6 +84,15 @@ impl ClusteringPool {
             }
         }
     }
+
+    /// Flushes every shard (after the messages this pool sent them).
+    pub async fn flush(&self) {
+        for result in join_all(self.shards.iter().map(|shard| shard.send(Flush))).await {
+            if let Err(error) = result {
+                tracing::warn!(%error, "a clustering shard did not take the flush");
+            }
+        }
+    }
 }
 
 pub struct ClusteringShard {
@@ -94,6 +110,14 @@ pub struct ClusteringShard {
     reported_queue: i64,
     /// This shard's share of the indexed-creators gauge.
     reported_indexes: i64,
+    /// Messages queued so far, and those done with (decided, failed or
+    /// deferred): always the first `done` of the `queued`, since a failed
+    /// group is isolated before anything queued after it is decided.
+    queued: u64,
+    done: u64,
+    /// Failed messages being marked `failed`.
+    marking: usize,
+    flushes: Waiting,
 }
 
 impl ClusteringShard {
@@ -114,11 +138,23 @@ impl ClusteringShard {
             busy: false,
             reported_queue: 0,
             reported_indexes: 0,
+            queued: 0,
+            done: 0,
+            marking: 0,
+            flushes: Waiting::default(),
         }
     }
 
     fn new_decider(&self) -> Decider {
         Decider::new(self.repo.clone(), (&self.settings).into())
+    }
+
+    /// Counts `n` more messages done, and resolves the flushes that waited
+    /// for them.
+    fn finished(&mut self, n: usize) {
+        self.done += n as u64;
+        let (done, marking) = (self.done, self.marking);
+        self.flushes.resolve(|target| done >= target && marking == 0);
     }
 
     fn decide_queued(&mut self, ctx: &mut Context<Self>) {
@@ -154,17 +190,24 @@ impl ClusteringShard {
             act.decider = Some(decider);
             act.metrics.cluster_commit_seconds.observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(decided) => act.decided(decided),
+                Ok(decided) => {
+                    act.decided(decided);
+                    act.finished(group.len());
+                }
                 Err(RepoError::Unavailable(error)) => {
                     // The group stays `embedded`; the recovery sweep retries it.
                     act.metrics.pipeline_errors.with_label_values(&["cluster"]).inc();
                     tracing::warn!(%error, "clustering deferred: database unavailable");
+                    act.finished(group.len());
                 }
                 Err(error) if group.len() > 1 => {
                     tracing::warn!(%error, n = group.len(), "clustering group failed; deciding its messages one by one");
                     act.isolated.extend(group);
                 }
-                Err(error) => act.fail(ctx, &group[0], error.to_string()),
+                Err(error) => {
+                    act.fail(ctx, &group[0], error.to_string());
+                    act.finished(1);
+                }
             }
             act.decide_queued(ctx);
         }));
@@ -193,12 +236,16 @@ impl ClusteringShard {
         tracing::error!(message_id = %item.id, %error, "message cannot be clustered; marking it failed");
         self.metrics.pipeline_errors.with_label_values(&["cluster"]).inc();
         let (repo, id) = (self.repo.clone(), item.id);
+        self.marking += 1;
         let mark = async move {
             if let Err(e) = repo.mark_failed(id, &error).await {
                 tracing::warn!(message_id = %id, error = %e, "could not mark the message failed; the sweep retries it");
             }
         };
-        ctx.spawn(mark.into_actor(self));
+        ctx.spawn(mark.into_actor(self).map(|(), act, _ctx| {
+            act.marking -= 1;
+            act.finished(0);
+        }));
     }
 }
 
@@ -213,6 +260,8 @@ impl Supervised for ClusteringShard {
         self.isolated.clear();
         self.decider = None;
         self.busy = false;
+        (self.queued, self.done, self.marking) = (0, 0, 0);
+        self.flushes.clear();
     }
 }
 
@@ -225,7 +274,22 @@ impl Handler<ClusterMessages> for ClusteringShard {
         if deferred > 0 {
             self.metrics.pipeline_dropped.with_label_values(&["cluster"]).inc_by(deferred as u64);
         }
+        let taken = msg.items.len().min(room);
+        self.queued += taken as u64;
         self.queue.extend(msg.items.into_iter().take(room));
         self.decide_queued(ctx);
+    }
+}
+
+impl Handler<Flush> for ClusteringShard {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Flush, _ctx: &mut Self::Context) -> Self::Result {
+        let flushed = self.flushes.wait(self.queued);
+        self.finished(0);
+        Box::pin(async move {
+            // Err: the shard restarted, and its queue went to the sweep.
+            let _ = flushed.await;
+        })
     }
 }
