@@ -103,7 +103,7 @@ pub struct ClusteringShard {
     queue: VecDeque<ClusterItem>,
     /// Messages of a failed group, to be decided one per transaction.
     isolated: VecDeque<ClusterItem>,
-    /// Out of the actor while it decides a group (`busy`).
+    /// Out of the actor while it decides a group (`busy`), then back.
     decider: Option<Decider>,
     busy: bool,
     /// This shard's share of the queue gauge, which all shards add to.
@@ -127,6 +127,7 @@ impl ClusteringShard {
         settings: ClusteringSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let decider = Decider::new(repo.clone(), (&settings).into());
         Self {
             repo,
             broadcaster,
@@ -134,7 +135,7 @@ impl ClusteringShard {
             metrics,
             queue: VecDeque::new(),
             isolated: VecDeque::new(),
-            decider: None,
+            decider: Some(decider),
             busy: false,
             reported_queue: 0,
             reported_indexes: 0,
@@ -175,6 +176,7 @@ impl ClusteringShard {
             return;
         }
         self.busy = true;
+        // Some whenever not busy; a fresh one (empty indexes) is only slower.
         let mut decider = self.decider.take().unwrap_or_else(|| self.new_decider());
         let started = Instant::now();
         let ids: Vec<(Uuid, String)> = group.iter().map(|i| (i.id, i.creator_id.clone())).collect();
@@ -258,7 +260,7 @@ impl Supervised for ClusteringShard {
         // Queued messages are `embedded` in the database: the sweep finds them.
         self.queue.clear();
         self.isolated.clear();
-        self.decider = None;
+        self.decider = Some(self.new_decider());
         self.busy = false;
         (self.queued, self.done, self.marking) = (0, 0, 0);
         self.flushes.clear();
