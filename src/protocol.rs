@@ -143,13 +143,6 @@ pub enum Membership {
     Review,
 }
 
-impl Membership {
-    /// The stored text (the derived [`IntoStaticStr`]), for binding arrays.
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
-
 /// A stored message as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessageView {

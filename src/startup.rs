@@ -4,14 +4,18 @@
 //! Shutdown is ours, not actix's (its signal handling is off): a
 //! [`ShutdownHandle`], triggered by `main` on SIGTERM or SIGINT, stops the
 //! listener, tells every WebSocket session to close with 1001, lets
-//! in-flight requests finish (up to `server.shutdown_timeout_secs`), and
-//! only then stops the pipeline. What was acknowledged is already stored;
-//! work the pipeline had not finished resumes at the next start.
+//! in-flight requests finish (up to `server.shutdown_timeout_secs`), then
+//! flushes the pipeline (up to that timeout again) so that what was
+//! acknowledged is also decided, and only then stops it. What was
+//! acknowledged is already stored; work the pipeline had not finished
+//! (deferred to the recovery sweep, or beyond the timeout) resumes at the
+//! next start.
 
 use std::{
     net::TcpListener,
     sync::Arc,
     sync::atomic::{AtomicU64, AtomicUsize},
+    time::Duration,
 };
 
 use actix::Arbiter;
@@ -43,6 +47,18 @@ pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
 impl ShutdownHandle {
     pub fn trigger(&self) {
         self.0.send_replace(true);
+    }
+}
+
+/// Flushes an [`Application`]'s pipeline from elsewhere (tests); cheap to
+/// clone.
+#[derive(Clone)]
+pub struct FlushHandle(Pipeline);
+
+impl FlushHandle {
+    /// See [`Pipeline::flush`]. Err: the application has stopped.
+    pub async fn flush(&self) -> Result<(), actix::MailboxError> {
+        self.0.flush().await
     }
 }
 
@@ -89,8 +105,12 @@ pub struct Application {
     port: u16,
     server: Server,
     shutdown: ShutdownHandle,
+    /// Flushed at shutdown and by [`FlushHandle`]s.
+    pipeline: Pipeline,
     /// Runs the pipeline's actors; stopped with the application.
     arbiter: Arbiter,
+    /// How long shutdown waits for the pipeline's flush.
+    drain_timeout: Duration,
 }
 
 impl Application {
@@ -129,6 +149,7 @@ impl Application {
             n => n,
         };
         let server_settings = settings.server.clone();
+        let drain_timeout = Duration::from_secs(server_settings.shutdown_timeout_secs);
         let (shutdown, stopping) = watch::channel(false);
         let state = web::Data::new(ApiState {
             repo: repo.clone(),
@@ -157,11 +178,16 @@ impl Application {
         .listen(listener)?
         .run();
         tracing::info!(port, workers, "clusterd is serving");
-        Ok(Self { port, server, shutdown: ShutdownHandle(Arc::new(shutdown)), arbiter })
+        Ok(Self { port, server, shutdown: ShutdownHandle(Arc::new(shutdown)), pipeline, arbiter, drain_timeout })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// A handle to flush the pipeline from elsewhere.
+    pub fn flush_handle(&self) -> FlushHandle {
+        FlushHandle(self.pipeline.clone())
     }
 
     /// A handle to shut the application down gracefully from elsewhere.
@@ -172,7 +198,7 @@ impl Application {
     /// Serves until the shutdown handle is triggered, then stops
     /// gracefully (see the module's documentation) and stops the pipeline.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let Self { server, shutdown, arbiter, .. } = self;
+        let Self { server, shutdown, arbiter, pipeline, drain_timeout, .. } = self;
         let handle = server.handle();
         let mut stopping = shutdown.0.subscribe();
         let mut server = std::pin::pin!(server);
@@ -191,6 +217,15 @@ impl Application {
                 result
             }
         };
+        tracing::info!("finishing the pipeline's queued work");
+        match tokio::time::timeout(drain_timeout, pipeline.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "the pipeline could not be flushed"),
+            Err(_) => tracing::warn!(
+                timeout_secs = drain_timeout.as_secs(),
+                "the pipeline was not flushed in time; the next start resumes its work"
+            ),
+        }
         arbiter.stop();
         tracing::info!("stopped");
         result

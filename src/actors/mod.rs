@@ -11,16 +11,21 @@
 //! Every actor runs under an actix `Supervisor` on one dedicated arbiter:
 //! if one stops, it is restarted with fresh state, and whatever it held in
 //! memory is still in the database for the recovery sweep.
+//!
+//! [`Pipeline::flush`] waits until everything accepted before it went
+//! through (see [`flush`]): tests wait on it, and graceful shutdown drains
+//! the pipeline with it.
 
 pub mod broadcaster;
 pub mod clustering;
 pub mod embedder;
+pub mod flush;
 pub mod ingest;
 pub mod recovery;
 
 use std::sync::Arc;
 
-use actix::{Addr, Arbiter, Supervisor};
+use actix::{Addr, Arbiter, MailboxError, Supervisor};
 
 use crate::{metrics::Metrics, repository::Repository, settings::Settings};
 
@@ -28,6 +33,7 @@ use self::{
     broadcaster::{Publisher, Subscriptions},
     clustering::{ClusteringPool, ClusteringShard},
     embedder::{Embedder, Resolver},
+    flush::Flush,
     ingest::Ingest,
     recovery::Recovery,
 };
@@ -80,5 +86,13 @@ impl Pipeline {
             Supervisor::start_in_arbiter(&handle, move |_| Recovery::new(repo, embedder, clustering, cfg, metrics))
         };
         Self { ingest, embedder, publisher, subscriptions, recovery }
+    }
+
+    /// Resolves once every message accepted before it is stored, embedded,
+    /// decided and its events handed to the broadcaster, or failed, or
+    /// deferred to the recovery sweep (which this does not wait for; see
+    /// [`flush`]). Err: the pipeline is stopped.
+    pub async fn flush(&self) -> Result<(), MailboxError> {
+        self.ingest.send(Flush).await
     }
 }

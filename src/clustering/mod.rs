@@ -29,7 +29,11 @@
 //! product (mu 0.3), about 0.72. The bars follow the creator's own data,
 //! not a cosine tuned on one data set. Both bars move by the creator's
 //! `bar_offset`, learned from its corrections ([`learn`]).
+//!
+//! [`group`] runs the rule over a group of messages in arrival order and
+//! says what the group changes, for the repository to write.
 
+pub mod group;
 mod index;
 pub mod learn;
 pub mod trigram;

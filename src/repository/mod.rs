@@ -37,10 +37,10 @@ mod tokens;
 
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr, Statement, Value, sqlx};
 
-use self::bind::{bigint_array, text_array, uuid_array};
+use self::bind::{bigint_array, uuid_array};
 
 pub use clustering::{
-    Clustered, DecideConfig, LOAD as LOAD_GROUP_SQL, LOAD_OPEN as LOAD_OPEN_SQL, SUGGEST as SUGGEST_SQL,
+    CreatorState, GroupRows, LOAD as LOAD_GROUP_SQL, LOAD_OPEN as LOAD_OPEN_SQL, SUGGEST as SUGGEST_SQL, StoredOpen,
 };
 pub use clusters::{ClusterFilter, ClusterSort, ListQuery};
 pub use events::StoredEvent;
@@ -98,6 +98,9 @@ pub enum Invariant {
     ClusterVanished(uuid::Uuid),
     #[error("cluster {0} has a centroid of another dimension")]
     Dimensions(uuid::Uuid),
+    /// A message of a creator the clustering decision holds no index of.
+    #[error("no index for creator {0}")]
+    NoIndex(String),
     /// A statement that always returns a row returned none.
     #[error("{0} returned no row")]
     NoRow(&'static str),
@@ -271,7 +274,7 @@ mod tests {
         for kind in kinds {
             assert_eq!(serde_json::to_value(kind).expect("a unit variant serialises"), <&str>::from(kind));
         }
-        assert_eq!(Membership::Review.as_str(), "review");
+        assert_eq!(<&str>::from(Membership::Review), "review");
     }
 
     #[test]

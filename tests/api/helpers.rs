@@ -7,7 +7,10 @@ use std::{
 
 use actix_web::http::StatusCode;
 use awc::ws;
-use clusterd::{settings::Settings, startup::Application};
+use clusterd::{
+    settings::Settings,
+    startup::{Application, FlushHandle},
+};
 use futures_util::{SinkExt, StreamExt};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use serde_json::{Value, json};
@@ -15,12 +18,19 @@ use serde_json::{Value, json};
 /// How long a test waits for something the pipeline does asynchronously.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// How often a wait looks again when a flush did not settle it: the work
+/// was deferred to the recovery sweep, which retries on its timer
+/// (`recovery.sweep_interval_ms`, 500 ms in the test settings).
+const RECOVERY_POLL: Duration = Duration::from_millis(50);
+
 pub struct TestApp {
     pub port: u16,
     pub address: String,
     pub client: awc::Client,
     /// A connection to this test's own database, for assertions.
     pub db: DatabaseConnection,
+    /// Flushes the application's pipeline ([`TestApp::flush`]).
+    flusher: FlushHandle,
 }
 
 /// The admin URL of the test PostgreSQL, exported by `make test`.
@@ -68,6 +78,7 @@ pub async fn spawn_app_on(db_url: &str, tweak: impl FnOnce(&mut Settings)) -> Te
     tweak(&mut settings);
     let app = Application::build(settings).await.expect("the application starts");
     let port = app.port();
+    let flusher = app.flush_handle();
     actix_web::rt::spawn(app.run_until_stopped());
     let db = Database::connect(&db_url).await.expect("connect to the test database");
     TestApp {
@@ -75,6 +86,15 @@ pub async fn spawn_app_on(db_url: &str, tweak: impl FnOnce(&mut Settings)) -> Te
         address: format!("http://127.0.0.1:{port}"),
         client: awc::Client::builder().timeout(Duration::from_secs(30)).finish(),
         db,
+        flusher,
+    }
+}
+
+/// Flushes every instance's pipeline: for messages accepted by several
+/// instances of one database.
+pub async fn flush_all(apps: &[&TestApp]) {
+    for app in apps {
+        app.flush().await;
     }
 }
 
@@ -87,6 +107,33 @@ impl TestApp {
             address: self.address.clone(),
             client: awc::Client::builder().timeout(Duration::from_secs(30)).finish(),
             db: self.db.clone(),
+            flusher: self.flusher.clone(),
+        }
+    }
+
+    /// Waits until this instance's pipeline is done with every message it
+    /// accepted so far: stored, embedded, decided and published (or
+    /// failed). Work deferred to the recovery sweep is not waited for.
+    pub async fn flush(&self) {
+        tokio::time::timeout(PATIENCE, self.flusher.flush())
+            .await
+            .expect("the pipeline flushes in time")
+            .expect("the pipeline is running");
+    }
+
+    /// Flushes, then returns what `check` finds. Should it find nothing,
+    /// the work was deferred to the recovery sweep (or is with another
+    /// instance): it flushes and checks again every [`RECOVERY_POLL`], up
+    /// to [`PATIENCE`]; its `Err` says what was not done in time.
+    async fn flushed<T>(&self, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            self.flush().await;
+            match check().await {
+                Ok(found) => return found,
+                Err(failure) => assert!(tokio::time::Instant::now() < deadline, "{failure}"),
+            }
+            tokio::time::sleep(RECOVERY_POLL).await;
         }
     }
 
@@ -134,18 +181,10 @@ impl TestApp {
         body["message_id"].as_str().expect("a message id").to_owned()
     }
 
-    /// Waits until the message is clustered; returns the message object.
+    /// Waits until the message is clustered (see [`Self::flushed`]);
+    /// returns the message object.
     pub async fn wait_clustered(&self, message_id: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let (status, message) = self.get(&format!("/v1/messages/{message_id}")).await;
-            assert_eq!(status, StatusCode::OK, "{message}");
-            if message["status"] == "clustered" {
-                return message;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "message {message_id} not clustered in time: {message}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_status(message_id, "clustered").await
     }
 
     /// The value of one sample on `/metrics`, e.g.
@@ -159,18 +198,19 @@ impl TestApp {
             .map_or(0.0, |value| value.trim().parse().expect("a numeric sample"))
     }
 
-    /// Waits until the message reaches `status`; returns the message object.
+    /// Waits until the message reaches `status` (see [`Self::flushed`]);
+    /// returns the message object.
     pub async fn wait_status(&self, message_id: &str, status: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
+        self.flushed(async || {
             let (code, message) = self.get(&format!("/v1/messages/{message_id}")).await;
             assert_eq!(code, StatusCode::OK, "{message}");
             if message["status"] == status {
-                return message;
+                Ok(message)
+            } else {
+                Err(format!("message {message_id} not {status} in time: {message}"))
             }
-            assert!(tokio::time::Instant::now() < deadline, "message {message_id} not {status} in time: {message}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     pub async fn connect_ws(&self) -> WsClient {
@@ -753,23 +793,20 @@ impl TestApp {
     }
 
     /// Waits until `n` of the creator's messages are clustered and none is
-    /// `pending` or `embedded`.
+    /// `pending` or `embedded` (see [`Self::flushed`]).
     pub async fn wait_settled(&self, creator: &str, n: i64) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
         let creator = creator.replace('\'', "''");
-        loop {
+        self.flushed(async || {
             let clustered = self.count("messages", &format!("creator_id = '{creator}' AND status = 'clustered'")).await;
             let unfinished = self
                 .count("messages", &format!("creator_id = '{creator}' AND status IN ('pending', 'embedded')"))
                 .await;
             if clustered == n && unfinished == 0 {
-                return;
+                Ok(())
+            } else {
+                Err(format!("{creator}: {clustered} of {n} messages clustered, {unfinished} unfinished, in time"))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{creator}: {clustered} of {n} messages clustered, {unfinished} unfinished, in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 }

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait, Value as SqlValue};
 use serde_json::{Value, json};
 
-use crate::helpers::{PATIENCE, TestApp, WsClient, spawn_app};
+use crate::helpers::{TestApp, WsClient, spawn_app};
 
 #[actix_web::test]
 async fn action_answers_200_then_409_and_new_messages_open_a_new_cluster() {
@@ -872,15 +872,16 @@ pub(crate) async fn event_log(app: &TestApp, creator: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Waits until every message of the creator is clustered, then checks that
-/// every cluster is true to its members and that the event log tells the
-/// same story as the tables.
+/// Flushes the pipeline, checks that every message of the creator is
+/// clustered, then that every cluster is true to its members and that the
+/// event log tells the same story as the tables.
 async fn check_invariants(app: &TestApp, creator: &str) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while app.count("messages", &format!("creator_id = '{creator}' AND status <> 'clustered'")).await > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "messages of {creator} not clustered in time");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    app.flush().await;
+    assert_eq!(
+        app.count("messages", &format!("creator_id = '{creator}' AND status <> 'clustered'")).await,
+        0,
+        "messages of {creator} not clustered"
+    );
     let creator_value = || SqlValue::from(creator);
 
     // Size = members; no empty cluster; core size = core members, never

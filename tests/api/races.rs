@@ -15,7 +15,7 @@ use futures_util::future::{join, join_all};
 use serde_json::{Value, json};
 use tokio::sync::{Barrier, watch};
 
-use crate::helpers::{PATIENCE, Snapshot, TestApp, WsClient, fresh_database, is_decision, spawn_app, spawn_app_on};
+use crate::helpers::{Snapshot, TestApp, WsClient, flush_all, fresh_database, is_decision, spawn_app, spawn_app_on};
 
 /// One question, asked in many small variations that the test embedder
 /// (character n-grams) clusters together.
@@ -91,6 +91,7 @@ async fn burst(apps: &[&TestApp], creator: &str, n: usize) -> crate::helpers::Re
     let ids: BTreeSet<String> = join_all(sends).await.into_iter().collect();
     assert_eq!(ids.len(), n, "every message got its own id");
 
+    flush_all(apps).await;
     apps[0].wait_settled(creator, n as i64).await;
     let replayed = apps[0].assert_cluster_invariants(creator).await;
     let clusters: Vec<_> = replayed.clusters.values().collect();
@@ -546,14 +547,13 @@ struct Sent {
     ops_before: usize,
 }
 
-/// Waits until at least `n` of the creator's messages are clustered.
-async fn clustered_at_least(app: &TestApp, creator: &str, n: usize) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+/// Flushes every instance, then checks that at least `n` of the creator's
+/// messages are clustered (all those acknowledged so far: `n` of them).
+async fn clustered_at_least(apps: &[&TestApp], creator: &str, n: usize) {
+    flush_all(apps).await;
     let condition = format!("creator_id = '{}' AND status = 'clustered'", creator.replace('\'', "''"));
-    while usize::try_from(app.count("messages", &condition).await).expect("a count") < n {
-        assert!(tokio::time::Instant::now() < deadline, "{creator}: fewer than {n} messages clustered in time");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let clustered = usize::try_from(apps[0].count("messages", &condition).await).expect("a count");
+    assert!(clustered >= n, "{creator}: {clustered} messages clustered, fewer than the {n} acknowledged");
 }
 
 /// Streams of messages (two topics, over HTTP and WebSocket, spread over
@@ -628,7 +628,7 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
                 // Decided, not only acknowledged: on a loaded machine the
                 // operations would otherwise find nothing to act on until
                 // the last messages had arrived, and race with nothing.
-                clustered_at_least(app, creator, (round + 1) * STREAMS * CHUNK).await;
+                clustered_at_least(apps, creator, (round + 1) * STREAMS * CHUNK).await;
                 for run in 0..RUNS_PER_ROUND {
                     // A client that lost a race, or found nothing to do,
                     // looks again (a little later) and tries once more.
@@ -652,6 +652,7 @@ async fn operations_race_with_new_messages(apps: &[&TestApp], creator: &str) {
 
     let (sent, done, refused) = (sent.into_inner(), done.into_inner(), refused.into_inner());
     assert_eq!(sent.len(), STREAMS * CHUNKS * CHUNK);
+    flush_all(apps).await;
     apps[0].wait_settled(creator, sent.len() as i64).await;
     let replayed = apps[0].assert_cluster_invariants(creator).await;
 

@@ -4,15 +4,20 @@
 //! instances the creator's advisory lock (taken in the transaction)
 //! serialises decisions.
 //!
-//! A shard owns the in-memory indexes of its creators' open clusters
-//! (`crate::clustering`), at most `clustering.cached_creators` of them,
-//! least recently used first out. It decides everything queued (up to
-//! `clustering.max_group`) in one transaction, which also brings each
-//! index up to date with the database, then publishes the resulting
-//! events to the broadcaster.
+//! A shard owns a [`Decider`], which holds the in-memory indexes of its
+//! creators' open clusters (`crate::clustering`), at most
+//! `clustering.cached_creators` of them, least recently used first out.
+//! The shard decides everything queued (up to `clustering.max_group`) in
+//! one transaction (see [`decider`]), then publishes the resulting events
+//! to the broadcaster.
 //! When a group fails for a reason other than the database being away, its
 //! messages are decided one by one, and a message that fails alone is
 //! marked `failed` with the error: one bad message never holds up others.
+//! A [`Flush`] resolves once every message queued before it is decided and
+//! published, or marked failed, or deferred to the recovery sweep (the
+//! database unavailable).
+
+pub mod decider;
 
 use std::{
     collections::VecDeque,
@@ -22,14 +27,17 @@ use std::{
 };
 
 use actix::prelude::*;
-use lru::LruCache;
+use futures_util::future::join_all;
 use uuid::Uuid;
 
+use self::decider::{Decided, Decider};
 use crate::{
-    actors::broadcaster::Publisher,
-    clustering::{CreatorIndex, Params},
+    actors::{
+        broadcaster::Publisher,
+        flush::{Flush, Waiting},
+    },
     metrics::Metrics,
-    repository::{Clustered, DecideConfig, RepoError, Repository},
+    repository::{RepoError, Repository, StoredEvent},
     settings::ClusteringSettings,
 };
 
@@ -76,6 +84,15 @@ impl ClusteringPool {
             }
         }
     }
+
+    /// Flushes every shard (after the messages this pool sent them).
+    pub async fn flush(&self) {
+        for result in join_all(self.shards.iter().map(|shard| shard.send(Flush))).await {
+            if let Err(error) = result {
+                tracing::warn!(%error, "a clustering shard did not take the flush");
+            }
+        }
+    }
 }
 
 pub struct ClusteringShard {
@@ -86,18 +103,26 @@ pub struct ClusteringShard {
     queue: VecDeque<ClusterItem>,
     /// Messages of a failed group, to be decided one per transaction.
     isolated: VecDeque<ClusterItem>,
-    /// Open-cluster indexes by creator; out of the actor while a group is
-    /// being decided (`busy`).
-    indexes: Option<LruCache<String, CreatorIndex>>,
+    /// Out of the actor while it decides a group (`busy`), then back.
+    decider: Option<Decider>,
     busy: bool,
     /// This shard's share of the queue gauge, which all shards add to.
     reported_queue: i64,
     /// This shard's share of the indexed-creators gauge.
     reported_indexes: i64,
+    /// Messages queued so far, and those done with (decided, failed or
+    /// deferred): always the first `done` of the `queued`, since a failed
+    /// group is isolated before anything queued after it is decided.
+    queued: u64,
+    done: u64,
+    /// Failed messages being marked `failed`.
+    marking: usize,
+    flushes: Waiting,
 }
 
 impl ClusteringShard {
     pub fn new(repo: Repository, broadcaster: Publisher, settings: ClusteringSettings, metrics: Arc<Metrics>) -> Self {
+        let decider = Decider::new(repo.clone(), (&settings).into());
         Self {
             repo,
             broadcaster,
@@ -105,11 +130,27 @@ impl ClusteringShard {
             metrics,
             queue: VecDeque::new(),
             isolated: VecDeque::new(),
-            indexes: Some(LruCache::unbounded()),
+            decider: Some(decider),
             busy: false,
             reported_queue: 0,
             reported_indexes: 0,
+            queued: 0,
+            done: 0,
+            marking: 0,
+            flushes: Waiting::default(),
         }
+    }
+
+    fn new_decider(&self) -> Decider {
+        Decider::new(self.repo.clone(), (&self.settings).into())
+    }
+
+    /// Counts `n` more messages done, and resolves the flushes that waited
+    /// for them.
+    fn finished(&mut self, n: usize) {
+        self.done += n as u64;
+        let (done, marking) = (self.done, self.marking);
+        self.flushes.resolve(|target| done >= target && marking == 0);
     }
 
     fn decide_queued(&mut self, ctx: &mut Context<Self>) {
@@ -130,50 +171,47 @@ impl ClusteringShard {
             return;
         }
         self.busy = true;
-        let config =
-            DecideConfig { params: Params::from(&self.settings), suggest_threshold: self.settings.suggest_threshold };
-        let mut indexes = self.indexes.take().unwrap_or_else(LruCache::unbounded);
-        let repo = self.repo.clone();
+        // Some whenever not busy; a fresh one (empty indexes) is only slower.
+        let mut decider = self.decider.take().unwrap_or_else(|| self.new_decider());
         let started = Instant::now();
         let ids: Vec<(Uuid, String)> = group.iter().map(|i| (i.id, i.creator_id.clone())).collect();
         let work = async move {
-            let result = repo.cluster_messages(&ids, &mut indexes, &config).await;
-            (indexes, result)
+            let result = decider.decide(&ids).await;
+            (decider, result)
         };
-        ctx.spawn(work.into_actor(self).map(move |(mut indexes, result), act, ctx| {
+        ctx.spawn(work.into_actor(self).map(move |(decider, result), act, ctx| {
             act.busy = false;
-            if result.is_err() {
-                // The indexes may hold decisions that were rolled back.
-                for item in &group {
-                    indexes.pop(&item.creator_id);
-                }
-            }
-            while indexes.len() > act.settings.cached_creators {
-                indexes.pop_lru();
-            }
-            act.metrics.cluster_indexed_creators.add(indexes.len() as i64 - act.reported_indexes);
-            act.reported_indexes = indexes.len() as i64;
-            act.indexes = Some(indexes);
+            let indexed = decider.indexed() as i64;
+            act.metrics.cluster_indexed_creators.add(indexed - act.reported_indexes);
+            act.reported_indexes = indexed;
+            act.decider = Some(decider);
             act.metrics.cluster_commit_seconds.observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(clustered) => act.published(clustered),
+                Ok(decided) => {
+                    act.decided(decided);
+                    act.finished(group.len());
+                }
                 Err(RepoError::Unavailable(error)) => {
                     // The group stays `embedded`; the recovery sweep retries it.
                     act.metrics.pipeline_errors.with_label_values(&["cluster"]).inc();
                     tracing::warn!(%error, "clustering deferred: database unavailable");
+                    act.finished(group.len());
                 }
                 Err(error) if group.len() > 1 => {
                     tracing::warn!(%error, n = group.len(), "clustering group failed; deciding its messages one by one");
                     act.isolated.extend(group);
                 }
-                Err(error) => act.fail(ctx, &group[0], error.to_string()),
+                Err(error) => {
+                    act.fail(ctx, &group[0], error.to_string());
+                    act.finished(1);
+                }
             }
             act.decide_queued(ctx);
         }));
     }
 
-    fn published(&mut self, clustered: Clustered) {
-        let Clustered { events, decisions, rebuilt } = clustered;
+    fn decided(&mut self, decided: Decided) {
+        let Decided { events, decisions, rebuilt } = decided;
         self.metrics.messages_clustered.inc_by(events.len() as u64);
         self.metrics.cluster_index_rebuilds.inc_by(rebuilt as u64);
         for (reason, seconds) in decisions {
@@ -181,8 +219,13 @@ impl ClusteringShard {
             self.metrics.cluster_decide_seconds.observe(seconds);
         }
         if !events.is_empty() {
-            self.broadcaster.publish(events);
+            self.publish(events);
         }
+    }
+
+    /// Hands committed events to the subscribers.
+    fn publish(&self, events: Vec<StoredEvent>) {
+        self.broadcaster.publish(events);
     }
 
     /// Marks a message that cannot be clustered as `failed`, with the error.
@@ -190,14 +233,16 @@ impl ClusteringShard {
         tracing::error!(message_id = %item.id, %error, "message cannot be clustered; marking it failed");
         self.metrics.pipeline_errors.with_label_values(&["cluster"]).inc();
         let (repo, id) = (self.repo.clone(), item.id);
-        ctx.spawn(
-            async move {
-                if let Err(e) = repo.mark_failed(id, &error).await {
-                    tracing::warn!(message_id = %id, error = %e, "could not mark the message failed; the sweep retries it");
-                }
+        self.marking += 1;
+        let mark = async move {
+            if let Err(e) = repo.mark_failed(id, &error).await {
+                tracing::warn!(message_id = %id, error = %e, "could not mark the message failed; the sweep retries it");
             }
-            .into_actor(self),
-        );
+        };
+        ctx.spawn(mark.into_actor(self).map(|(), act, _ctx| {
+            act.marking -= 1;
+            act.finished(0);
+        }));
     }
 }
 
@@ -210,8 +255,10 @@ impl Supervised for ClusteringShard {
         // Queued messages are `embedded` in the database: the sweep finds them.
         self.queue.clear();
         self.isolated.clear();
-        self.indexes = Some(LruCache::unbounded());
+        self.decider = Some(self.new_decider());
         self.busy = false;
+        (self.queued, self.done, self.marking) = (0, 0, 0);
+        self.flushes.clear();
     }
 }
 
@@ -224,7 +271,22 @@ impl Handler<ClusterMessages> for ClusteringShard {
         if deferred > 0 {
             self.metrics.pipeline_dropped.with_label_values(&["cluster"]).inc_by(deferred as u64);
         }
+        let taken = msg.items.len().min(room);
+        self.queued += taken as u64;
         self.queue.extend(msg.items.into_iter().take(room));
         self.decide_queued(ctx);
+    }
+}
+
+impl Handler<Flush> for ClusteringShard {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Flush, _ctx: &mut Self::Context) -> Self::Result {
+        let flushed = self.flushes.wait(self.queued);
+        self.finished(0);
+        Box::pin(async move {
+            // Err: the shard restarted, and its queue went to the sweep.
+            let _ = flushed.await;
+        })
     }
 }

@@ -16,6 +16,11 @@
 //! messages are decided in arrival order. Work beyond
 //! `embedder.queue_capacity` is not queued: it stays `pending` in the
 //! database, where the recovery sweep finds it.
+//!
+//! A [`Flush`] sends what is queued before it at once (partial batches,
+//! without waiting for `max_wait_ms`), waits until those batches are
+//! embedded (or marked failed, or left `pending` for the sweep) and handed
+//! to clustering, then flushes every clustering shard.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
@@ -27,7 +32,10 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use crate::{
-    actors::clustering::{ClusterItem, ClusteringPool},
+    actors::{
+        clustering::{ClusterItem, ClusteringPool},
+        flush::{Flush, Waiting},
+    },
     embedding::{
         EmbedCache, EmbedError, Provider,
         cache::{self, Key},
@@ -71,8 +79,18 @@ pub struct Embedder {
     next_batch: u64,
     /// Sequence number of the next batch to hand to clustering.
     next_release: u64,
-    /// Finished batches waiting for an earlier one to finish.
-    finished: BTreeMap<u64, Vec<ClusterItem>>,
+    /// Finished batches waiting for an earlier one to finish, with the
+    /// number of items each left with.
+    finished: BTreeMap<u64, (usize, Vec<ClusterItem>)>,
+    /// Items queued so far, those that left in a batch, and those whose
+    /// batch was handed to clustering (in queue order).
+    queued: u64,
+    sent: u64,
+    released: u64,
+    /// Until `sent` reaches this, partial batches leave at once: a flush
+    /// waits for them.
+    flush_upto: u64,
+    flushes: Waiting,
 }
 
 impl Embedder {
@@ -97,26 +115,36 @@ impl Embedder {
             next_batch: 0,
             next_release: 0,
             finished: BTreeMap::new(),
+            queued: 0,
+            sent: 0,
+            released: 0,
+            flush_upto: 0,
+            flushes: Waiting::default(),
         }
     }
 
     /// Hands finished batches to clustering, in the order they left.
-    fn release(&mut self, seq: u64, items: Vec<ClusterItem>) {
-        self.finished.insert(seq, items);
-        while let Some(items) = self.finished.remove(&self.next_release) {
+    fn release(&mut self, seq: u64, left: usize, items: Vec<ClusterItem>) {
+        self.finished.insert(seq, (left, items));
+        while let Some((left, items)) = self.finished.remove(&self.next_release) {
             self.next_release += 1;
+            self.released += left as u64;
             if !items.is_empty() {
                 self.clustering.cluster(items);
             }
         }
+        let released = self.released;
+        self.flushes.resolve(|target| released >= target);
     }
 
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
         while self.batches_in_flight < self.settings.pool_size
-            && (self.queue.len() >= self.settings.batch_size || (self.due && !self.queue.is_empty()))
+            && (self.queue.len() >= self.settings.batch_size
+                || ((self.due || self.sent < self.flush_upto) && !self.queue.is_empty()))
         {
             let n = self.queue.len().min(self.settings.batch_size);
             let batch: Vec<EmbedItem> = self.queue.drain(..n).collect();
+            self.sent += n as u64;
             self.embed(batch, ctx);
         }
         if self.queue.is_empty() {
@@ -136,6 +164,7 @@ impl Embedder {
         let seq = self.next_batch;
         self.next_batch += 1;
         self.metrics.embed_batch_size.observe(batch.len() as f64);
+        let left = batch.len();
         let resolver = self.resolver.clone();
         let repo = self.repo.clone();
         let ids: Vec<Uuid> = batch.iter().map(|i| i.id).collect();
@@ -178,7 +207,7 @@ impl Embedder {
                     Vec::new()
                 }
             };
-            act.release(seq, items);
+            act.release(seq, left, items);
             act.dispatch(ctx);
         }));
     }
@@ -326,6 +355,8 @@ impl Supervised for Embedder {
         self.next_batch = 0;
         self.next_release = 0;
         self.finished.clear();
+        (self.queued, self.sent, self.released, self.flush_upto) = (0, 0, 0, 0);
+        self.flushes.clear();
     }
 }
 
@@ -344,10 +375,30 @@ impl Handler<EmbedMessages> for Embedder {
             }
             self.held.insert(item.id);
             self.queue.push_back(item);
+            self.queued += 1;
         }
         if deferred > 0 {
             self.metrics.pipeline_dropped.with_label_values(&["embed"]).inc_by(deferred as u64);
         }
         self.dispatch(ctx);
+    }
+}
+
+impl Handler<Flush> for Embedder {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Flush, ctx: &mut Self::Context) -> Self::Result {
+        let target = self.queued;
+        self.flush_upto = self.flush_upto.max(target);
+        let embedded = self.flushes.wait(target);
+        let released = self.released;
+        self.flushes.resolve(|target| released >= target);
+        self.dispatch(ctx);
+        let clustering = self.clustering.clone();
+        Box::pin(async move {
+            // Err: the embedder restarted, and its queue went to the sweep.
+            let _ = embedded.await;
+            clustering.flush().await;
+        })
     }
 }

@@ -8,15 +8,28 @@
 //! transaction committed; then it is handed to the embedder. A commit that
 //! takes longer than `ingest.commit_timeout_ms` (a database that hangs) is
 //! abandoned: its clients get `Unavailable`, and its slot is free again.
+//!
+//! A [`Flush`] waits until every message queued before it is committed (or
+//! refused) and handed to the embedder, then flushes the embedder, which
+//! flushes clustering: it resolves when the whole pipeline is done with
+//! what was accepted before it (but for work deferred to the recovery
+//! sweep; see `actors::flush`).
 
-use std::{collections::VecDeque, sync::Arc, time::Instant};
+use std::{
+    collections::{BTreeSet, VecDeque},
+    sync::Arc,
+    time::Instant,
+};
 
 use actix::prelude::*;
 use futures_util::future::try_join_all;
 use tokio::sync::oneshot;
 
 use crate::{
-    actors::embedder::{EmbedItem, EmbedMessages, Embedder},
+    actors::{
+        embedder::{EmbedItem, EmbedMessages, Embedder},
+        flush::{Flush, Waiting},
+    },
     domain::validate::NewMessage,
     metrics::Metrics,
     repository::{InsertOutcome, RepoError, Repository},
@@ -41,7 +54,7 @@ pub struct IngestMessages {
     pub messages: Vec<NewMessage>,
 }
 
-struct Waiting {
+struct Queued {
     message: NewMessage,
     reply: oneshot::Sender<Result<InsertOutcome, IngestError>>,
 }
@@ -51,21 +64,48 @@ pub struct Ingest {
     embedder: Addr<Embedder>,
     settings: IngestSettings,
     metrics: Arc<Metrics>,
-    queue: VecDeque<Waiting>,
+    queue: VecDeque<Queued>,
     commits_in_flight: usize,
+    /// Messages queued so far, and those drawn into a commit; the commits
+    /// in flight, by the position of their first message (they finish in
+    /// any order).
+    queued: u64,
+    drawn: u64,
+    in_flight: BTreeSet<u64>,
+    flushes: Waiting,
 }
 
 impl Ingest {
     pub fn new(repo: Repository, embedder: Addr<Embedder>, settings: IngestSettings, metrics: Arc<Metrics>) -> Self {
-        Self { repo, embedder, settings, metrics, queue: VecDeque::new(), commits_in_flight: 0 }
+        Self {
+            repo,
+            embedder,
+            settings,
+            metrics,
+            queue: VecDeque::new(),
+            commits_in_flight: 0,
+            queued: 0,
+            drawn: 0,
+            in_flight: BTreeSet::new(),
+            flushes: Waiting::default(),
+        }
+    }
+
+    /// Resolves the flushes whose messages are all committed and handed on.
+    fn resolve_flushes(&mut self) {
+        let (drawn, oldest) = (self.drawn, self.in_flight.first().copied());
+        self.flushes.resolve(|target| drawn >= target && oldest.is_none_or(|first| first >= target));
     }
 
     /// Starts commits while there is queued work and a free slot.
     fn commit_queued(&mut self, ctx: &mut Context<Self>) {
         while self.commits_in_flight < self.settings.pool_size && !self.queue.is_empty() {
             let n = self.queue.len().min(self.settings.max_group);
-            let group: Vec<Waiting> = self.queue.drain(..n).collect();
+            let group: Vec<Queued> = self.queue.drain(..n).collect();
             self.commits_in_flight += 1;
+            let first = self.drawn;
+            self.drawn += n as u64;
+            self.in_flight.insert(first);
             let repo = self.repo.clone();
             let messages: Vec<NewMessage> = group.iter().map(|w| w.message.clone()).collect();
             let started = Instant::now();
@@ -80,13 +120,15 @@ impl Ingest {
                 act.metrics.ingest_commit_seconds.observe(started.elapsed().as_secs_f64());
                 act.metrics.ingest_group_size.observe(group.len() as f64);
                 act.answer(group, result);
+                act.in_flight.remove(&first);
+                act.resolve_flushes();
                 act.commit_queued(ctx);
             }));
         }
     }
 
     /// Acknowledges a committed group, then hands its new messages on.
-    fn answer(&mut self, group: Vec<Waiting>, result: Result<Vec<InsertOutcome>, RepoError>) {
+    fn answer(&mut self, group: Vec<Queued>, result: Result<Vec<InsertOutcome>, RepoError>) {
         let outcomes = match result {
             Ok(outcomes) => outcomes,
             Err(err) => {
@@ -143,6 +185,9 @@ impl Supervised for Ingest {
         // nothing they sent was acknowledged, so nothing is lost.
         self.queue.clear();
         self.commits_in_flight = 0;
+        (self.queued, self.drawn) = (0, 0);
+        self.in_flight.clear();
+        self.flushes.clear();
     }
 }
 
@@ -157,13 +202,31 @@ impl Handler<IngestMessages> for Ingest {
         let mut replies = Vec::with_capacity(msg.messages.len());
         for message in msg.messages {
             let (reply, rx) = oneshot::channel();
-            self.queue.push_back(Waiting { message, reply });
+            self.queue.push_back(Queued { message, reply });
             replies.push(rx);
         }
+        self.queued += replies.len() as u64;
         self.commit_queued(ctx);
         Box::pin(async move {
             let results = try_join_all(replies).await.map_err(|_| IngestError::Unavailable)?;
             results.into_iter().collect()
+        })
+    }
+}
+
+impl Handler<Flush> for Ingest {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Flush, _ctx: &mut Self::Context) -> Self::Result {
+        let committed = self.flushes.wait(self.queued);
+        self.resolve_flushes();
+        let embedder = self.embedder.clone();
+        Box::pin(async move {
+            // Err: ingest restarted; its clients were not acknowledged.
+            let _ = committed.await;
+            if let Err(error) = embedder.send(Flush).await {
+                tracing::warn!(%error, "the embedder did not take the flush");
+            }
         })
     }
 }

@@ -1,12 +1,15 @@
-//! The daemon's clustering rule (`clusterd::clustering`), run in-process
-//! over a data set's embeddings in a given order: the same code that the
-//! clustering actor runs, without the database, so that parameters can be
-//! swept in seconds.
+//! The daemon's clustering rule (`clusterd::clustering::group`), run
+//! in-process over a data set's embeddings in a given order: the same code
+//! that the clustering actor runs, without the database, so that
+//! parameters can be swept in seconds.
 
 use std::collections::HashMap;
 
 use clusterd::{
-    clustering::{CreatorIndex, OpenCluster, Params, trigram::Trigrams, unit},
+    clustering::{
+        CreatorIndex, Params,
+        group::{GroupMessage, decide_group},
+    },
     protocol::Membership,
 };
 use uuid::Uuid;
@@ -19,38 +22,30 @@ pub struct Placement {
     pub review: Vec<bool>,
 }
 
-/// Sends every message, in `order`, to one creator's index.
+/// Sends every message, in `order`, to one creator's index: one group, as
+/// the clustering actor decides it.
 pub fn run(data: &Dataset, order: &[usize], params: &Params) -> Placement {
+    const CREATOR: &str = "eval";
     let dims = data.vectors[0].len();
-    let mut index = CreatorIndex::new(0, dims);
-    let mut by_text: HashMap<String, Uuid> = HashMap::new();
+    let mut indexes = HashMap::from([(CREATOR.to_owned(), CreatorIndex::new(0, dims))]);
+    let messages = order
+        .iter()
+        .map(|&i| GroupMessage {
+            id: Uuid::from_u128(i as u128),
+            creator_id: CREATOR.to_owned(),
+            text: data.texts[i].clone(),
+            norm_key: clusterd::domain::text::normalise(&data.texts[i]).into_bytes(),
+            embedding: data.vectors[i].clone(),
+            exact: None,
+        })
+        .collect();
+    let outcome = decide_group(messages, &mut indexes, params).expect("the one creator has its index");
     let mut numbers: HashMap<Uuid, usize> = HashMap::new();
     let mut placement = Placement { clusters: vec![0; data.texts.len()], review: vec![false; data.texts.len()] };
-    for &i in order {
-        let (text, x) = (&data.texts[i], &data.vectors[i]);
-        let key = clusterd::domain::text::normalise(text);
-        let trigrams = if params.trigram_enabled() { Trigrams::of(text) } else { Trigrams::default() };
-        let decision = index.decide(by_text.get(&key).copied(), &trigrams, x, params);
-        index.background.observe(&unit(x));
-        let id = match decision.cluster {
-            Some(id) => {
-                index.join(id, x, trigrams, decision.membership, params.trigram_members);
-                id
-            }
-            None => {
-                let mut cluster = OpenCluster::new(Uuid::now_v7(), x.clone(), 1, 1);
-                cluster.remember(trigrams, params.trigram_members);
-                let id = cluster.id;
-                index.insert(cluster);
-                id
-            }
-        };
-        if decision.membership == Membership::Core {
-            by_text.entry(key).or_insert(id);
-        }
+    for (&i, placed) in order.iter().zip(&outcome.placements) {
         let next = numbers.len();
-        placement.clusters[i] = *numbers.entry(id).or_insert(next);
-        placement.review[i] = decision.membership == Membership::Review;
+        placement.clusters[i] = *numbers.entry(placed.cluster_id).or_insert(next);
+        placement.review[i] = placed.membership == Membership::Review;
     }
     placement
 }
