@@ -1,5 +1,6 @@
 //! Builds the application from typed settings: database, schema, pipeline
-//! actors, and the HTTP server bound to its listener (port 0 in tests).
+//! actors, and the HTTP server bound to its listener (port 0 in tests;
+//! `server.port_file` tells another process the port it got).
 //!
 //! Shutdown is ours, not actix's (its signal handling is off): a
 //! [`ShutdownHandle`], triggered by `main` on SIGTERM or SIGINT, stops the
@@ -10,6 +11,7 @@
 
 use std::{
     net::TcpListener,
+    path::Path,
     sync::Arc,
     sync::atomic::{AtomicU64, AtomicUsize},
 };
@@ -85,6 +87,15 @@ async fn connect_when_ready(settings: &Settings) -> anyhow::Result<sea_orm::Data
     }
 }
 
+/// Writes `port` to `path` atomically (a temporary file renamed over it):
+/// whoever reads the file sees the whole number or no file.
+fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, format!("{port}\n"))?;
+    std::fs::rename(&partial, path)
+}
+
 pub struct Application {
     port: u16,
     server: Server,
@@ -126,6 +137,9 @@ impl Application {
         let listener = TcpListener::bind(settings.server.bind)
             .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
         let port = listener.local_addr()?.port();
+        if let Some(path) = &settings.server.port_file {
+            write_port_file(path, port).with_context(|| format!("cannot write server.port_file {}", path.display()))?;
+        }
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
