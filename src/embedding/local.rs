@@ -11,19 +11,19 @@
 //! L2-normalised. `tests/api/model.rs` holds the result to reference vectors
 //! from an independent implementation.
 //!
-//! Speed on a CPU (measured on 2 cores: `benches/embed.rs`):
+//! Speed on a CPU (`benches/embed.rs` measures this model's texts/s; no
+//! benchmark in the repository runs stock candle beside it, so no speed-up
+//! figure is quoted here):
 //! - The encoder is written here ([`bert`]) rather than taken from
-//!   candle-transformers' `BertModel` (run the same way: texts sorted by
-//!   length within a call, padded): 2.4-2.6x the texts/s on calls of 8-64
-//!   chat messages on one core, 1.2x for a single message, same vectors to
-//!   within 4e-7.
+//!   candle-transformers' `BertModel` (which pads every text of a call to
+//!   the longest), with the same vectors to within 4e-7.
 //! - No padding: the tokens of all texts of a call are packed into one
 //!   matrix, so each dense layer (97% of the arithmetic) is one matmul over
-//!   exactly the real tokens, and attention runs per text ([`ops`]). Padded
-//!   batches cost up to 2x on mixed-length chat messages, even sorted by
-//!   length within a call.
-//! - The exact GELU evaluates a vectorised erf ([`gelu`]); candle's scalar
-//!   erf took a quarter of the time. The tanh approximation and half
+//!   exactly the real tokens, and attention runs per text ([`ops`]): padded
+//!   batches spend work on padding tokens, even sorted by length within a
+//!   call.
+//! - The exact GELU evaluates a vectorised erf ([`gelu`]) instead of
+//!   candle's scalar erf. The tanh approximation and half
 //!   precision are not used: they change the vectors, and half precision is
 //!   slower on these CPUs anyway.
 //! - Threads: candle's matmul and the fused ops run on rayon's global pool,
