@@ -18,34 +18,7 @@ use actix_web::http::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{Daemon, PATIENCE, TestApp, clusterd_command, spawn_app_on};
-
-/// A port on 127.0.0.1 kept for a server of the test's own, for the
-/// whole test: a server stopped and started again comes back on the same
-/// port, and nothing else may take the port in between.
-///
-/// The test holds a socket bound to a port the system picked, with
-/// SO_REUSEADDR and never listening. Linux lets another SO_REUSEADDR
-/// socket bind the same port and listen while no socket listens on it
-/// (PostgreSQL and Redis set SO_REUSEADDR), but gives the port to nobody
-/// else: binds without SO_REUSEADDR fail, and neither port-0 binds nor
-/// outgoing connections are handed a port that is bound. (Binding,
-/// releasing and letting the server bind later would leave the port free
-/// in between.)
-struct ReservedPort(tokio::net::TcpSocket);
-
-impl ReservedPort {
-    fn new() -> Self {
-        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-        socket.bind(([127, 0, 0, 1], 0).into()).expect("a port of the system's choosing");
-        Self(socket)
-    }
-
-    fn port(&self) -> u16 {
-        self.0.local_addr().expect("a bound socket").port()
-    }
-}
+use crate::helpers::{Daemon, PATIENCE, ReservedPort, TestApp, clusterd_command, spawn_app_on};
 
 /// Runs `scripts/stack.sh` with `args`, which knows the PostgreSQL binaries
 /// and the system user that runs them; panics with its output on failure.

@@ -139,6 +139,33 @@ impl Drop for Daemon {
     }
 }
 
+/// A port on 127.0.0.1 kept for the whole test: for a server of the
+/// test's own, stopped and started again on the same port, or as a port
+/// where nothing listens. Nothing else may take it in between.
+///
+/// The test holds a socket bound to a port the system picked, with
+/// SO_REUSEADDR and never listening. Linux lets another SO_REUSEADDR
+/// socket bind the same port and listen while no socket listens on it
+/// (PostgreSQL and Redis set SO_REUSEADDR), but gives the port to nobody
+/// else: binds without SO_REUSEADDR fail, and neither port-0 binds nor
+/// outgoing connections are handed a port that is bound. (Binding,
+/// releasing and letting the server bind later would leave the port free
+/// in between.)
+pub struct ReservedPort(tokio::net::TcpSocket);
+
+impl ReservedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket.bind(([127, 0, 0, 1], 0).into()).expect("a port of the system's choosing");
+        Self(socket)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.local_addr().expect("a bound socket").port()
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
