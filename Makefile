@@ -2,8 +2,9 @@
 #
 #   make run         start the local stack (PostgreSQL + Redis) and the daemon
 #                    (clusterd serve, on 127.0.0.1:8080 by default)
-#   make test        start the stack, then fmt check, clippy, tests, and a short
-#                    crash test (15 s, 2 SIGKILLs; what CI runs)
+#   make test        start the stack, then fmt check, clippy and tests (one
+#                    build), and a short crash test (15 s, 2 SIGKILLs; what
+#                    CI runs)
 #   make test-faults the long crash test: 60 s of load, 5 SIGKILLs and restarts
 #                    of the daemon, then SQL checks (loadtest/crash.sh)
 #   make bench       criterion benchmark of the local embedding model
@@ -24,12 +25,17 @@ SHELL := /bin/bash
 STACK := scripts/stack.sh
 # Prefix for recipe lines that need the stack's URLs in their environment.
 WITH_STACK_ENV = eval "$$($(STACK) env)" &&
+# Prefix for cargo commands whose build lints like `cargo clippy -- -D
+# warnings` (clippy-driver compiles the workspace's crates; dependencies are
+# compiled as usual and keep their artifacts).
+WITH_CLIPPY = export RUSTC_WORKSPACE_WRAPPER="$$(command -v clippy-driver)" \
+	CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" && test -x "$$RUSTC_WORKSPACE_WRAPPER" &&
 
 .DEFAULT_GOAL := help
 .PHONY: help run test fmt clippy bench stack-up stack-down stack-status
 
 help:
-	@sed -n '3,16s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,17s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 # A development admin token is (re)made at each start, replacing the one
 # before, printed, and kept in .stack/dev-token (git-ignored).
@@ -44,8 +50,13 @@ test: stack-up
 	@# Databases left by earlier test runs (each test makes its own).
 	$(STACK) psql -qtAc "SELECT 'DROP DATABASE ' || quote_ident(datname) || ' WITH (FORCE);' FROM pg_database WHERE datname LIKE 'clusterd_test_%'" | $(STACK) psql -q >/dev/null
 	cargo fmt --all -- --check
-	$(WITH_STACK_ENV) cargo clippy --workspace --all-targets -- -D warnings
-	$(WITH_STACK_ENV) if cargo nextest --version >/dev/null 2>&1; then \
+	@# Clippy lints while the tests build: one build, not a check build of
+	@# every dependency for clippy and then the test build. It is what
+	@# `cargo clippy --workspace --all-targets -- -D warnings` runs (the
+	@# workspace's crates compiled by clippy-driver, its arguments in
+	@# CLIPPY_ARGS), with code generation kept, so the tests reuse it.
+	$(WITH_CLIPPY) cargo test --workspace --all-targets --no-run
+	$(WITH_STACK_ENV) $(WITH_CLIPPY) if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --no-fail-fast; \
 	else \
 		cargo test --workspace; \

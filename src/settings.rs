@@ -1,11 +1,14 @@
 //! Typed settings, loaded once at start from layered configuration: the
 //! compiled-in defaults (`config/default.toml`), then the optional files
 //! `$CLUSTERD_CONFIG_DIR/default.toml` and `$CLUSTERD_CONFIG_DIR/$CLUSTERD_ENV.toml`,
-//! then `CLUSTERD__SECTION__KEY` environment variables.
+//! then `CLUSTERD__SECTION__KEY` environment variables. [`Settings::load_files`]
+//! stops before the environment: tests build their settings from files
+//! alone, so that a developer's shell (or `make test`'s exports) cannot
+//! leak into them.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, ConfigBuilder, Environment, File, FileFormat, builder::DefaultState};
 use secrecy::SecretString;
 use serde::Deserialize;
 
@@ -40,6 +43,10 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ServerSettings {
     pub bind: SocketAddr,
+    /// Where to write the port the server listens on, once it is bound
+    /// (useful with port 0); unset: nowhere.
+    #[serde(default)]
+    pub port_file: Option<std::path::PathBuf>,
     /// 0: one worker per CPU core.
     pub workers: usize,
     pub shutdown_timeout_secs: u64,
@@ -243,16 +250,28 @@ impl Settings {
     /// Loads the layers from `dir` for the environment `env`, then the
     /// process environment.
     pub fn load_from(dir: &Path, env: Option<&str>) -> Result<Self, SettingsError> {
+        let environment = Environment::with_prefix("CLUSTERD").prefix_separator("__").separator("__").try_parsing(true);
+        Self::build(Self::files(dir, env).add_source(environment))
+    }
+
+    /// Loads the compiled-in defaults and the files from `dir` for the
+    /// environment `env`, without the process environment.
+    pub fn load_files(dir: &Path, env: Option<&str>) -> Result<Self, SettingsError> {
+        Self::build(Self::files(dir, env))
+    }
+
+    fn files(dir: &Path, env: Option<&str>) -> ConfigBuilder<DefaultState> {
         let mut builder = Config::builder()
             .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
             .add_source(File::from(dir.join("default.toml")).required(false));
         if let Some(env) = env {
             builder = builder.add_source(File::from(dir.join(format!("{env}.toml"))).required(false));
         }
-        let settings: Settings = builder
-            .add_source(Environment::with_prefix("CLUSTERD").prefix_separator("__").separator("__").try_parsing(true))
-            .build()?
-            .try_deserialize()?;
+        builder
+    }
+
+    fn build(builder: ConfigBuilder<DefaultState>) -> Result<Self, SettingsError> {
+        let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -391,7 +410,7 @@ mod tests {
 
     #[test]
     fn defaults_parse_and_validate() {
-        let settings = Settings::load_from(Path::new("config"), None).expect("defaults load");
+        let settings = Settings::load_files(Path::new("config"), None).expect("defaults load");
         assert_eq!(settings.server.bind.port(), 8080);
         assert_eq!(settings.database.min_connections, 5);
         assert_eq!(settings.database.max_connections, 20);
@@ -409,7 +428,7 @@ mod tests {
 
     #[test]
     fn nonsense_limits_are_refused() {
-        let defaults = Settings::load_from(Path::new("config"), None).expect("defaults load");
+        let defaults = Settings::load_files(Path::new("config"), None).expect("defaults load");
         let tweaks: [fn(&mut Settings); 4] = [
             |s| s.ws.max_connections = 0,
             |s| s.ws.heartbeat_interval_ms = 0,
@@ -425,14 +444,14 @@ mod tests {
 
     #[test]
     fn test_layer_overrides_defaults() {
-        let settings = Settings::load_from(Path::new("config"), Some("test")).expect("test config loads");
+        let settings = Settings::load_files(Path::new("config"), Some("test")).expect("test config loads");
         assert_eq!(settings.server.bind.port(), 0);
         assert_eq!(settings.limits.max_text_chars, 4000, "untouched keys keep their default");
     }
 
     #[test]
     fn secrets_do_not_print() {
-        let mut settings = Settings::load_from(Path::new("config"), None).expect("defaults load");
+        let mut settings = Settings::load_files(Path::new("config"), None).expect("defaults load");
         settings.embedder.openai.api_key = "sk-very-secret".to_owned().into();
         settings.redis.url = Some("redis://:hunter2@127.0.0.1:6379/".to_owned().into());
         let printed = format!("{settings:?}");

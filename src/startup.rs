@@ -1,5 +1,6 @@
 //! Builds the application from typed settings: database, schema, pipeline
-//! actors, and the HTTP server bound to its listener (port 0 in tests).
+//! actors, and the HTTP server bound to its listener (port 0 in tests;
+//! `server.port_file` tells another process the port it got).
 //!
 //! Shutdown is ours, not actix's (its signal handling is off): a
 //! [`ShutdownHandle`], triggered by `main` on SIGTERM or SIGINT, stops the
@@ -13,14 +14,16 @@
 
 use std::{
     net::TcpListener,
+    path::Path,
     sync::Arc,
     sync::atomic::{AtomicU64, AtomicUsize},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use actix::Arbiter;
 use actix_web::{App, HttpServer, dev::Server, middleware, web};
 use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::watch;
 
 use crate::{
@@ -78,27 +81,37 @@ pub async fn stop_signal() -> std::io::Result<()> {
 }
 
 /// Connects and migrates. A database that cannot be reached yet is waited
-/// for, with back-off, up to `database.start_wait_secs`; any other error
-/// stops the start at once.
+/// for, with back-off (250 ms, doubling, at most 5 s between attempts), up
+/// to `database.start_wait_secs`; any other error stops the start at once.
 async fn connect_when_ready(settings: &Settings) -> anyhow::Result<sea_orm::DatabaseConnection> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(settings.database.start_wait_secs);
-    let mut pause = std::time::Duration::from_millis(250);
-    loop {
-        let attempt = async {
-            let db = schema::connect(&settings.database, &settings.index).await?;
-            schema::migrate(&db).await?;
-            Ok(db)
-        };
-        match attempt.await {
-            Ok(db) => return Ok(db),
-            Err(e) if repository::is_unavailable(&e) && std::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, retry_in_ms = pause.as_millis(), "the database is unavailable; waiting for it");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(5));
-            }
-            Err(e) => return Err(e).context("cannot connect to PostgreSQL and migrate (database.url)"),
-        }
-    }
+    let deadline = Instant::now() + Duration::from_secs(settings.database.start_wait_secs);
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(250))
+        .with_factor(2.0)
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times();
+    let attempt = || async {
+        let db = schema::connect(&settings.database, &settings.index).await?;
+        schema::migrate(&db).await?;
+        Ok::<_, sea_orm::DbErr>(db)
+    };
+    attempt
+        .retry(backoff)
+        .when(|e| repository::is_unavailable(e) && Instant::now() < deadline)
+        .notify(|e, pause| {
+            tracing::warn!(error = %e, retry_in_ms = pause.as_millis(), "the database is unavailable; waiting for it");
+        })
+        .await
+        .context("cannot connect to PostgreSQL and migrate (database.url)")
+}
+
+/// Writes `port` to `path` atomically (a temporary file renamed over it):
+/// whoever reads the file sees the whole number or no file.
+fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, format!("{port}\n"))?;
+    std::fs::rename(&partial, path)
 }
 
 pub struct Application {
@@ -144,6 +157,9 @@ impl Application {
         let listener = TcpListener::bind(settings.server.bind)
             .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
         let port = listener.local_addr()?.port();
+        if let Some(path) = &settings.server.port_file {
+            write_port_file(path, port).with_context(|| format!("cannot write server.port_file {}", path.display()))?;
+        }
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,

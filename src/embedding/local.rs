@@ -11,21 +11,20 @@
 //! L2-normalised. `tests/api/model.rs` holds the result to reference vectors
 //! from an independent implementation.
 //!
-//! Speed on a CPU (measured on 2 cores: `benches/embed.rs`):
+//! Speed on a CPU (`benches/embed.rs` measures this model's texts/s):
 //! - The encoder is written here ([`bert`]) rather than taken from
 //!   candle-transformers' `BertModel`, for the two points below: packed
 //!   sequences and the fused ops, which `BertModel` (padded batches,
 //!   candle's element-wise ops) cannot do. candle-transformers is not a
 //!   dependency, so no benchmark here runs the two side by side and no
-//!   speed-up figure is claimed; `tests/api/model.rs` holds the vectors to
-//!   an independent implementation.
+//!   speed-up figure is claimed.
 //! - No padding: the tokens of all texts of a call are packed into one
 //!   matrix, so each dense layer (97% of the arithmetic) is one matmul over
-//!   exactly the real tokens, and attention runs per text ([`ops`]). Padded
-//!   batches cost up to 2x on mixed-length chat messages, even sorted by
-//!   length within a call.
-//! - The exact GELU evaluates a vectorised erf ([`gelu`]); candle's scalar
-//!   erf took a quarter of the time. The tanh approximation and half
+//!   exactly the real tokens, and attention runs per text ([`ops`]): padded
+//!   batches spend work on padding tokens, even sorted by length within a
+//!   call.
+//! - The exact GELU evaluates a vectorised erf ([`gelu`]) instead of
+//!   candle's scalar erf. The tanh approximation and half
 //!   precision are not used: they change the vectors, and half precision is
 //!   slower on these CPUs anyway.
 //! - Threads: candle's matmul and the fused ops run on rayon's global pool,

@@ -16,7 +16,7 @@ use clusterd::{
 use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
-use crate::helpers::{PATIENCE, TestApp, WsClient, spawn_app_with};
+use crate::helpers::{Daemon, PATIENCE, TestApp, WsClient, clusterd_command, spawn_app_with};
 
 /// Auth on, and every token looked up afresh (a revocation applies at once).
 fn with_auth(settings: &mut Settings) {
@@ -385,11 +385,8 @@ async fn a_revoked_token_is_refused_at_once_and_its_open_websocket_is_closed() {
     idle.subscribe(CREATOR, None).await;
 
     // Revoked through the command line, like an operator would.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_clusterd"))
+    let output = clusterd_command(&database_url(&app).await)
         .args(["token", "revoke", &creator_id.to_string()])
-        .env("CLUSTERD_ENV", "test")
-        .env("CLUSTERD_CONFIG_DIR", "config")
-        .env("CLUSTERD__DATABASE__URL", database_url(&app).await)
         .output()
         .expect("the CLI runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -425,13 +422,7 @@ async fn the_token_cli_creates_lists_and_revokes_and_stores_only_hashes() {
     let app = spawn_app_with(with_auth).await;
     let url = database_url(&app).await;
     let cli = |args: &[&str]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_clusterd"))
-            .args(args)
-            .env("CLUSTERD_ENV", "test")
-            .env("CLUSTERD_CONFIG_DIR", "config")
-            .env("CLUSTERD__DATABASE__URL", &url)
-            .output()
-            .expect("the CLI runs");
+        let output = clusterd_command(&url).args(args).output().expect("the CLI runs");
         (
             output.status.success(),
             String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -571,19 +562,14 @@ async fn a_token_past_its_rate_limit_gets_429_and_others_are_unaffected() {
 /// and returns what it logged.
 async fn daemon_log(enabled: bool) -> String {
     let db_url = crate::helpers::fresh_database().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_clusterd"))
-        .arg("serve")
-        .env("CLUSTERD_ENV", "test")
-        .env("CLUSTERD_CONFIG_DIR", "config")
-        .env("CLUSTERD__DATABASE__URL", &db_url)
-        .env("CLUSTERD__SERVER__BIND", format!("127.0.0.1:{port}"))
+    let mut command = clusterd_command(&db_url);
+    command
         .env("CLUSTERD__AUTH__ENABLED", enabled.to_string())
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the daemon starts");
+        .stderr(std::process::Stdio::piped());
+    let mut daemon = Daemon::start(command);
+    let port = daemon.port().await;
     let client = awc::Client::default();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !client
@@ -595,9 +581,12 @@ async fn daemon_log(enabled: bool) -> String {
         assert!(tokio::time::Instant::now() < deadline, "the daemon did not become ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    daemon.kill().expect("stop the daemon");
-    let output = daemon.wait_with_output().expect("the daemon exits");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    daemon.child.kill().expect("stop the daemon");
+    daemon.child.wait().expect("the daemon exits");
+    let mut log = String::new();
+    let mut stderr = daemon.child.stderr.take().expect("a piped stderr");
+    std::io::Read::read_to_string(&mut stderr, &mut log).expect("the daemon's log");
+    log
 }
 
 #[actix_web::test]

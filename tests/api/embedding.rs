@@ -6,15 +6,9 @@ use uuid::Uuid;
 
 use crate::{
     fake_openai::{FakeOpenAi, Fault},
-    helpers::{TestApp, fresh_database, spawn_app_on, spawn_app_with},
+    helpers::{TestApp, fresh_database, model_dir, redis_url, spawn_app_on, spawn_app_with},
 };
 use clusterd::settings::{EmbedderProvider, Settings};
-
-/// The test Redis, exported by `make test`.
-fn redis_url() -> String {
-    std::env::var("CLUSTERD_TEST_REDIS_URL")
-        .expect("CLUSTERD_TEST_REDIS_URL is unset: run the tests with `make test`, which starts Redis")
-}
 
 fn with_redis(settings: &mut Settings) {
     settings.redis.url = Some(redis_url().into());
@@ -49,6 +43,7 @@ async fn wait_all(app: &TestApp, ids: &[String]) -> Vec<Value> {
 async fn the_local_model_clusters_paraphrases_together_and_other_questions_apart() {
     let app = spawn_app_with(|s| {
         s.embedder.provider = EmbedderProvider::Local;
+        s.embedder.local.model_dir = model_dir();
         without_redis(s);
     })
     .await;

@@ -18,11 +18,7 @@ use actix_web::http::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{PATIENCE, TestApp, spawn_app_on};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
+use crate::helpers::{Daemon, PATIENCE, ReservedPort, TestApp, clusterd_command, spawn_app_on};
 
 /// Runs `scripts/stack.sh` with `args`, which knows the PostgreSQL binaries
 /// and the system user that runs them; panics with its output on failure.
@@ -48,13 +44,13 @@ async fn stack_async(args: Vec<String>) {
 /// removed with its data when dropped.
 struct ScratchPg {
     dir: PathBuf,
-    port: u16,
+    port: ReservedPort,
 }
 
 impl ScratchPg {
     fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("clusterd-scratch-pg-{}", Uuid::now_v7().simple()));
-        let pg = Self { dir, port: free_port() };
+        let pg = Self { dir, port: ReservedPort::new() };
         pg.up();
         pg
     }
@@ -65,12 +61,12 @@ impl ScratchPg {
 
     /// Starts the server (again) on the same port and data.
     fn up(&self) {
-        stack(&["scratch-pg", "start", self.dir(), &self.port.to_string()]);
+        stack(&["scratch-pg", "start", self.dir(), &self.port.port().to_string()]);
     }
 
     /// [`ScratchPg::up`] without blocking the test's runtime.
     async fn up_async(&self) {
-        stack_async(vec!["scratch-pg".into(), "start".into(), self.dir().into(), self.port.to_string()]).await;
+        stack_async(vec!["scratch-pg".into(), "start".into(), self.dir().into(), self.port.port().to_string()]).await;
     }
 
     /// Stops it: `fast` (clients disconnected, a clean shutdown) or
@@ -80,7 +76,7 @@ impl ScratchPg {
     }
 
     fn url(&self) -> String {
-        format!("postgres://clusterd@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://clusterd@127.0.0.1:{}/postgres", self.port.port())
     }
 
     /// Sends `signal` to the server and all its processes: SIGSTOP makes a
@@ -286,7 +282,7 @@ fn assert_unavailable(answer: &Answer) {
 #[actix_web::test]
 async fn a_database_outage_answers_503_loses_nothing_and_the_daemon_recovers_by_itself() {
     let pg = ScratchPg::start();
-    let app = spawn_app_on(&pg.url(), |s| s.redis.url = None).await;
+    let app = spawn_app_on(&pg.url(), |_| {}).await;
     let tag = Uuid::now_v7().simple().to_string();
     let creators: Vec<String> = (0..3).map(|k| format!("creator-outage-{k}")).collect();
     let subscriber = Subscriber::start(&app, &creators[0]);
@@ -371,23 +367,23 @@ async fn a_database_outage_answers_503_loses_nothing_and_the_daemon_recovers_by_
 }
 
 /// A Redis server of this test's own (Debian's `redis-server`, which the
-/// stack installs), on a fixed port so it can come back where the daemon
+/// stack installs), on a reserved port so it can come back where the daemon
 /// expects it; killed when dropped.
 struct ScratchRedis {
-    port: u16,
+    port: ReservedPort,
     child: Option<Child>,
 }
 
 impl ScratchRedis {
     fn start() -> Self {
-        let mut redis = Self { port: free_port(), child: None };
+        let mut redis = Self { port: ReservedPort::new(), child: None };
         redis.up();
         redis
     }
 
     fn up(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--port", &self.port.port().to_string(), "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -409,7 +405,7 @@ impl ScratchRedis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://127.0.0.1:{}/", self.port.port())
     }
 
     async fn keys(&self) -> i64 {
@@ -494,11 +490,7 @@ async fn a_database_that_hangs_answers_503_and_the_daemon_recovers_when_it_answe
     let pg = ScratchPg::start();
     // One commit slot, always busy under the stream: the freeze almost
     // surely catches a commit on the wire, which must not hold writes.
-    let app = spawn_app_on(&pg.url(), |s| {
-        s.redis.url = None;
-        s.ingest.pool_size = 1;
-    })
-    .await;
+    let app = spawn_app_on(&pg.url(), |s| s.ingest.pool_size = 1).await;
     let tag = Uuid::now_v7().simple().to_string();
     let creators: Vec<String> = (0..3).map(|k| format!("creator-hang-{k}")).collect();
     let stream = Stream::start(&app, 8, &creators, &tag);
@@ -531,21 +523,12 @@ async fn a_database_that_hangs_answers_503_and_the_daemon_recovers_when_it_answe
 async fn a_daemon_started_before_its_database_waits_for_it_and_then_serves() {
     let pg = ScratchPg::start();
     pg.down("fast").await;
-    let port = free_port();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_clusterd"))
-        .arg("serve")
-        .env("CLUSTERD_ENV", "test")
-        .env("CLUSTERD_CONFIG_DIR", "config")
-        .env("CLUSTERD__DATABASE__URL", pg.url())
-        .env("CLUSTERD__SERVER__BIND", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the daemon starts");
+    let mut command = clusterd_command(&pg.url());
+    command.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut daemon = Daemon::start(command);
     // Its log, line by line, read off the test's runtime.
     let (lines, mut log) = tokio::sync::mpsc::unbounded_channel();
-    let stderr = daemon.stderr.take().expect("a piped stderr");
+    let stderr = daemon.child.stderr.take().expect("a piped stderr");
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -562,9 +545,11 @@ async fn a_daemon_started_before_its_database_waits_for_it_and_then_serves() {
     })
     .await;
     assert_eq!(waiting, Ok(true), "the daemon says it waits for the database");
-    assert!(daemon.try_wait().expect("the daemon's status").is_none(), "the daemon exited instead of waiting");
+    assert!(daemon.child.try_wait().expect("the daemon's status").is_none(), "the daemon exited instead of waiting");
 
     pg.up_async().await;
+    // It binds its listener once it has its database.
+    let port = daemon.port().await;
     let client = awc::Client::default();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -576,6 +561,6 @@ async fn a_daemon_started_before_its_database_waits_for_it_and_then_serves() {
         assert!(tokio::time::Instant::now() < deadline, "the daemon did not serve once its database was up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    daemon.kill().expect("stop the daemon");
-    daemon.wait().expect("the daemon exits");
+    daemon.child.kill().expect("stop the daemon");
+    daemon.child.wait().expect("the daemon exits");
 }

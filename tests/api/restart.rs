@@ -1,34 +1,27 @@
 //! The daemon killed with SIGKILL and restarted: every acknowledged message
 //! ends clustered, exactly once. Runs the real binary.
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Stdio, time::Duration};
 
 use sea_orm::ConnectionTrait;
 use serde_json::json;
 
-use crate::helpers::{PATIENCE, fresh_database};
+use crate::helpers::{Daemon, PATIENCE, clusterd_command, fresh_database};
 
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
-
-pub(crate) fn start_daemon(db_url: &str, port: u16, extra_env: &[(&str, &str)]) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_clusterd"));
-    command
-        .arg("serve")
-        .env("CLUSTERD_ENV", "test")
-        .env("CLUSTERD_CONFIG_DIR", "config")
-        .env("CLUSTERD__DATABASE__URL", db_url)
-        .env("CLUSTERD__SERVER__BIND", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(if std::env::var("TEST_LOG").is_ok() { Stdio::inherit() } else { Stdio::null() });
-    for (key, value) in extra_env {
-        command.env(key, value);
-    }
-    command.spawn().expect("the daemon starts")
+/// Starts `clusterd serve` on `db_url` with the test settings and
+/// `extra_env` (nothing else of the test's environment), on a port of its
+/// own choosing; returns it with its port.
+pub(crate) async fn start_daemon(db_url: &str, extra_env: &[(&str, &str)]) -> (Daemon, u16) {
+    let mut command = clusterd_command(db_url);
+    command.stdout(Stdio::null()).stderr(if std::env::var("TEST_LOG").is_ok() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    });
+    command.envs(extra_env.iter().copied());
+    let mut daemon = Daemon::start(command);
+    let port = daemon.port().await;
+    (daemon, port)
 }
 
 pub(crate) async fn wait_ready(client: &awc::Client, port: u16) {
@@ -48,14 +41,13 @@ pub(crate) async fn wait_ready(client: &awc::Client, port: u16) {
 async fn acknowledged_messages_survive_sigkill_and_are_clustered_after_restart() {
     let db_url = fresh_database().await;
     let client = awc::Client::default();
-    let port = free_port();
     // First life: the embedder never flushes, so acknowledged messages stay
     // `pending`, as if the daemon died right after the acks.
-    let mut daemon = start_daemon(
+    let (mut daemon, port) = start_daemon(
         &db_url,
-        port,
         &[("CLUSTERD__EMBEDDER__BATCH_SIZE", "100000"), ("CLUSTERD__EMBEDDER__MAX_WAIT_MS", "3600000")],
-    );
+    )
+    .await;
     wait_ready(&client, port).await;
     let mut acked = Vec::new();
     for i in 0..40 {
@@ -66,8 +58,8 @@ async fn acknowledged_messages_survive_sigkill_and_are_clustered_after_restart()
         let ack: serde_json::Value = response.json().await.expect("an ack");
         acked.push(ack["message_id"].as_str().expect("an id").to_owned());
     }
-    daemon.kill().expect("SIGKILL");
-    daemon.wait().expect("the daemon exits");
+    daemon.child.kill().expect("SIGKILL");
+    daemon.child.wait().expect("the daemon exits");
 
     let db = sea_orm::Database::connect(&db_url).await.expect("connect");
     let count = |sql: &'static str| {
@@ -84,16 +76,16 @@ async fn acknowledged_messages_survive_sigkill_and_are_clustered_after_restart()
     assert_eq!(count("SELECT count(*) AS n FROM messages WHERE status = 'pending'").await, 40);
 
     // Second life, normal settings: the start-up sweep resumes the work.
-    let port = free_port();
-    let mut daemon = start_daemon(&db_url, port, &[]);
+    // (On a port of its own again: nothing needs the first one.)
+    let (mut daemon, port) = start_daemon(&db_url, &[]).await;
     wait_ready(&client, port).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while count("SELECT count(*) AS n FROM messages WHERE status = 'clustered'").await < 40 {
         assert!(tokio::time::Instant::now() < deadline, "acknowledged messages were not clustered after the restart");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    daemon.kill().expect("SIGKILL");
-    daemon.wait().expect("the daemon exits");
+    daemon.child.kill().expect("SIGKILL");
+    daemon.child.wait().expect("the daemon exits");
 
     assert_eq!(count("SELECT count(*) AS n FROM messages").await, 40, "stored exactly once");
     assert_eq!(count("SELECT count(*) AS n FROM events").await, 40, "one event per decision");

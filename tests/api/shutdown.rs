@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::{
     helpers::{PATIENCE, WsClient, fresh_database},
-    restart::{free_port, start_daemon, wait_ready},
+    restart::{start_daemon, wait_ready},
 };
 
 async fn connect_ws(client: &awc::Client, port: u16) -> WsClient {
@@ -57,8 +57,7 @@ fn close_code(frame: &ws::Frame) -> u16 {
 #[actix_web::test]
 async fn sigterm_finishes_in_flight_work_closes_websockets_with_1001_and_exits_0() {
     let db_url = fresh_database().await;
-    let port = free_port();
-    let mut daemon = start_daemon(&db_url, port, &[]);
+    let (mut daemon, port) = start_daemon(&db_url, &[]).await;
     let client = awc::Client::builder().timeout(PATIENCE).finish();
     wait_ready(&client, port).await;
     let db = sea_orm::Database::connect(&db_url).await.expect("connect");
@@ -113,7 +112,7 @@ async fn sigterm_finishes_in_flight_work_closes_websockets_with_1001_and_exits_0
     .await;
 
     // SAFETY: kill(2) on our own child's pid.
-    let pid = i32::try_from(daemon.id()).expect("a pid");
+    let pid = i32::try_from(daemon.child.id()).expect("a pid");
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM is sent");
 
     // Subscribers are told at once, while the requests are still waiting.
@@ -156,7 +155,7 @@ async fn sigterm_finishes_in_flight_work_closes_websockets_with_1001_and_exits_0
 
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let status = loop {
-        if let Some(status) = daemon.try_wait().expect("the daemon's status") {
+        if let Some(status) = daemon.child.try_wait().expect("the daemon's status") {
             break status;
         }
         assert!(tokio::time::Instant::now() < deadline, "the daemon did not exit after SIGTERM");
