@@ -311,33 +311,7 @@ pub fn unit(v: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clustering::learn::Learning;
-
-    fn params() -> Params {
-        Params {
-            trigram_threshold: 0.7,
-            trigram_members: 8,
-            core_threshold: 0.6,
-            review_threshold: 0.5,
-            background_prior: 0.0,
-            background_prior_pairs: 0.0,
-            learning: Learning { rate: 0.5, margin: 0.02, min_offset: -0.1, max_offset: 0.2 },
-        }
-    }
-
-    fn axis(i: usize, dims: usize) -> Vec<f32> {
-        let mut v = vec![0.0; dims];
-        v[i] = 1.0;
-        v
-    }
-
-    /// A unit vector at cosine `c` to axis `i`, the rest along axis `j`.
-    fn at(c: f32, i: usize, j: usize, dims: usize) -> Vec<f32> {
-        let mut v = vec![0.0; dims];
-        v[i] = c;
-        v[j] = (1.0 - c * c).sqrt();
-        v
-    }
+    use crate::clustering::geometry::{at, axis, params};
 
     #[test]
     fn exact_then_trigram_then_vector() {

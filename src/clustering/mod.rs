@@ -33,6 +33,8 @@
 //! [`group`] runs the rule over a group of messages in arrival order and
 //! says what the group changes, for the repository to write.
 
+#[cfg(test)]
+mod geometry;
 pub mod group;
 mod index;
 pub mod learn;
