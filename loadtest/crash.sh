@@ -28,8 +28,9 @@
 #     count of its clustering events so far (the log replays in order).
 #
 # Environment: LT_BIN (binaries; default $CARGO_TARGET_DIR/debug or
-# target/debug), LT_PORT (default: a free port), LT_LOG_DIR (default
-# target/loadtest; the daemon's log over all its lives is kept there),
+# target/debug), LT_PORT (default 0: the daemon binds a free one, reports it
+# through server.port_file, and its restarts bind it again), LT_LOG_DIR
+# (default target/loadtest; the daemon's log over all its lives is kept there),
 # CRASH_PROVIDER (embedder.provider, default `hash`: the model is not what
 # is tested here), LT_KEEP_DB.
 set -euo pipefail
@@ -52,7 +53,7 @@ done
     || { echo "crash: --duration and --kills must be whole numbers (duration > 0)" >&2; exit 2; }
 
 BIN="${LT_BIN:-${CARGO_TARGET_DIR:-target}/debug}"
-PORT="${LT_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+PORT="${LT_PORT:-0}"
 LOG_DIR="${LT_LOG_DIR:-target/loadtest}"
 DB="crash_$(date +%s)_$$"
 ACKED="$LOG_DIR/$DB.acked.csv"

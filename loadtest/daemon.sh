@@ -1,8 +1,8 @@
 # Sourced by the bench scripts: a fresh database and a fresh release daemon
 # on it, both gone when the script exits.
 #
-# Needs BIN (release binaries), PORT, LOG_DIR and DB set by the caller; sets
-# DB_URL and, once started, `daemon` (its pid). With LT_DEFER_DAEMON=1 only
+# Needs BIN (release binaries), PORT (0: any free one), LOG_DIR and DB set by
+# the caller; sets DB_URL and, once started, `daemon` (its pid) and PORT. With LT_DEFER_DAEMON=1 only
 # the (empty) database is created: the caller loads it, then calls
 # start_daemon. With LT_KEEP_DB=1 the database is kept (for a look with
 # psql; drop it yourself).
@@ -39,11 +39,18 @@ start_daemon() {
         export CLUSTERD_TOKEN
         token_made=1
     fi
+    # PORT=0: the system picks a port, which the daemon writes to its port
+    # file; PORT keeps it, so that a restart binds the same one again.
+    local port_file="$LOG_DIR/$DB.port"
+    rm -f "$port_file"
     CLUSTERD__DATABASE__URL="$DB_URL" CLUSTERD__SERVER__BIND="127.0.0.1:$PORT" \
-        "$BIN/clusterd" serve >>"$LOG_DIR/$DB.log" 2>&1 &
+        CLUSTERD__SERVER__PORT_FILE="$port_file" "$BIN/clusterd" serve >>"$LOG_DIR/$DB.log" 2>&1 &
     daemon=$!
     for _ in $(seq 1 100); do
-        curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
+        if [[ -s "$port_file" ]]; then
+            PORT="$(<"$port_file")"
+            curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
+        fi
         kill -0 "$daemon" 2>/dev/null || { tail -n 20 "$LOG_DIR/$DB.log" >&2; exit 1; }
         sleep 0.2
     done

@@ -64,26 +64,22 @@ async fn send(
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
-/// The cluster a message ends in (read from the database: the test's
-/// clients all need tokens).
+/// The cluster a message ends in, once the pipeline has flushed (read from
+/// the database: the test's clients all need tokens).
 async fn wait_cluster_of(app: &TestApp, message_id: &str) -> String {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let row = app
-            .db
-            .query_one_raw(sea_orm::Statement::from_sql_and_values(
-                sea_orm::DbBackend::Postgres,
-                "SELECT cluster_id::text AS c FROM messages WHERE id = $1::uuid AND status = 'clustered'",
-                [message_id.into()],
-            ))
-            .await
-            .expect("query");
-        if let Some(row) = row {
-            return row.try_get("", "c").expect("a cluster id");
-        }
-        assert!(tokio::time::Instant::now() < deadline, "message {message_id} not clustered in time");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    app.flush().await;
+    let row = app
+        .db
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT cluster_id::text AS c FROM messages WHERE id = $1::uuid AND status = 'clustered'",
+            [message_id.into()],
+        ))
+        .await
+        .expect("query");
+    row.unwrap_or_else(|| panic!("message {message_id} is not clustered after a flush"))
+        .try_get("", "c")
+        .expect("a cluster id")
 }
 
 /// One token of each scope the walks use.
