@@ -185,6 +185,10 @@ pub struct RecoverySettings {
     pub sweep_interval_ms: u64,
     pub stale_after_ms: u64,
     pub batch: usize,
+    /// How long an instance's claims on unfinished work outlive its last
+    /// renewal (renewed every third of it); after a crash, its work waits
+    /// this long for another instance.
+    pub instance_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -303,6 +307,9 @@ impl Settings {
         if self.ingest.pool_size == 0 || self.ingest.max_group == 0 || self.ingest.commit_timeout_ms == 0 {
             return invalid("ingest.pool_size, ingest.max_group and ingest.commit_timeout_ms must be at least 1");
         }
+        if self.recovery.instance_ttl_ms < 3 || self.recovery.sweep_interval_ms == 0 {
+            return invalid("recovery.instance_ttl_ms must be at least 3 and recovery.sweep_interval_ms at least 1");
+        }
         if self.clustering.shards == 0 || self.clustering.max_group == 0 {
             return invalid("clustering.shards and clustering.max_group must be at least 1");
         }
@@ -377,6 +384,9 @@ impl Default for RedisSettings {
 impl RecoverySettings {
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_millis(self.sweep_interval_ms)
+    }
+    pub fn instance_ttl(&self) -> Duration {
+        Duration::from_millis(self.instance_ttl_ms)
     }
     pub fn stale_after(&self) -> Duration {
         Duration::from_millis(self.stale_after_ms)

@@ -124,6 +124,8 @@ pub struct Application {
     arbiter: Arbiter,
     /// How long shutdown waits for the pipeline's flush.
     drain_timeout: Duration,
+    /// Releases this instance's claims once its pipeline is flushed.
+    repo: Repository,
 }
 
 impl Application {
@@ -135,9 +137,16 @@ impl Application {
         let db = connect_when_ready(&settings).await?;
         schema::pin_dimension(&db, settings.embedder.dimensions).await.context("embedding dimension")?;
         schema::sync_hnsw(&db, &settings.index).await.context("HNSW index")?;
+        // This process's identity for the claims on unfinished work shared
+        // with other instances (see `actors::recovery`): registered before
+        // anything is ingested, so that nobody takes what it stores.
+        let instance = uuid::Uuid::now_v7();
         let repo = Repository::new(db)
             .with_label_exact_max(settings.clustering.label_exact_max)
-            .with_params((&settings.clustering).into());
+            .with_params((&settings.clustering).into())
+            .with_instance(instance);
+        repo.renew_instance(settings.recovery.instance_ttl()).await.context("register this instance")?;
+        tracing::info!(%instance, "instance registered");
 
         let metrics = Arc::new(Metrics::new());
         let provider = Provider::build(&settings.embedder, metrics.embed_provider_retries.clone())
@@ -194,7 +203,7 @@ impl Application {
         .listen(listener)?
         .run();
         tracing::info!(port, workers, "clusterd is serving");
-        Ok(Self { port, server, shutdown: ShutdownHandle(Arc::new(shutdown)), pipeline, arbiter, drain_timeout })
+        Ok(Self { port, server, shutdown: ShutdownHandle(Arc::new(shutdown)), pipeline, arbiter, drain_timeout, repo })
     }
 
     pub fn port(&self) -> u16 {
@@ -214,7 +223,7 @@ impl Application {
     /// Serves until the shutdown handle is triggered, then stops
     /// gracefully (see the module's documentation) and stops the pipeline.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let Self { server, shutdown, arbiter, pipeline, drain_timeout, .. } = self;
+        let Self { server, shutdown, arbiter, pipeline, drain_timeout, repo, .. } = self;
         let handle = server.handle();
         let mut stopping = shutdown.0.subscribe();
         let mut server = std::pin::pin!(server);
@@ -241,6 +250,18 @@ impl Application {
                 timeout_secs = drain_timeout.as_secs(),
                 "the pipeline was not flushed in time; the next start resumes its work"
             ),
+        }
+        // What is left unfinished (deferred work, a flush that timed out)
+        // goes to the other instances' next sweep, or to the next start.
+        // Bounded: with the database away, the claims expire by themselves.
+        match tokio::time::timeout(Duration::from_secs(2), repo.leave_instance()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not release this instance's claims; they expire with recovery.instance_ttl_ms")
+            }
+            Err(_) => {
+                tracing::warn!("releasing this instance's claims timed out; they expire with recovery.instance_ttl_ms")
+            }
         }
         arbiter.stop();
         tracing::info!("stopped");

@@ -11,6 +11,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261125_000001_init;
 mod m20261126_000001_tokens;
 mod m20261202_000001_membership;
+mod m20261202_000002_claims;
 
 /// Every migration of clusterd, in order.
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_init::Migration),
             Box::new(m20261126_000001_tokens::Migration),
             Box::new(m20261202_000001_membership::Migration),
+            Box::new(m20261202_000002_claims::Migration),
         ]
     }
 }

@@ -25,6 +25,11 @@ pub struct Model {
     pub membership: Option<Membership>,
     pub similarity: Option<f32>,
     pub embedding: Option<PgVector>,
+    /// The instance that has this unfinished message in hand (see
+    /// `crate::actors::recovery`); `None`: nobody, any sweep may take it.
+    pub claimed_by: Option<Uuid>,
+    /// When `claimed_by` took it (the database's clock).
+    pub claimed_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

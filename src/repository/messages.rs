@@ -89,12 +89,14 @@ pub struct Unfinished {
 /// The group insert: every message of the group in one statement, through
 /// a JSON recordset so that the statement text (and its prepared plan) is
 /// the same whatever the group size. Conflicting external ids insert
-/// nothing; the caller then reads the existing rows.
+/// nothing; the caller then reads the existing rows. The instance that
+/// stores them claims them ($2): its own pipeline takes them on, and no
+/// other instance's sweep takes them while it is alive.
 const INSERT_GROUP: &str = r#"
 INSERT INTO messages (id, creator_id, external_id, text, norm_key, visitor, raw_payload,
-                      sent_at, received_at, status)
+                      sent_at, received_at, status, claimed_by, claimed_at)
 SELECT x.id, x.creator_id, x.external_id, x.text, decode(x.norm_key, 'hex'), x.visitor,
-       x.raw_payload, x.sent_at, x.received_at, 'pending'
+       x.raw_payload, x.sent_at, x.received_at, 'pending', $2::uuid, now()
 FROM jsonb_to_recordset($1::jsonb) AS x(id uuid, creator_id text, external_id text,
      text text, norm_key text, visitor jsonb, raw_payload jsonb, sent_at timestamptz,
      received_at timestamptz, ord bigint)
@@ -130,18 +132,47 @@ WHERE m.id = v.id AND m.status = 'pending'
 RETURNING m.id, m.creator_id
 "#;
 
-/// Unfinished work, oldest first (the recovery sweep).
+/// The recovery sweep's claim: unfinished messages, oldest first, that
+/// nobody alive holds (unclaimed, or claimed by an instance whose row in
+/// `instances` expired or is gone), or that this instance ($1) has held
+/// for more than $2 ms (its own deferred work: a full queue, a failed
+/// step); they become claimed by $1, from now. `FOR UPDATE SKIP LOCKED` lets concurrent sweeps of
+/// several instances take disjoint sets; a row another sweep claimed in
+/// the meantime is re-checked against its new `claimed_by` (READ
+/// COMMITTED re-evaluates the condition on the locked version) and left.
 pub const UNFINISHED: &str = r#"
-SELECT id, creator_id, text, status FROM messages
-WHERE status IN ('pending', 'embedded') AND received_at <= $1
-ORDER BY received_at
-LIMIT $2
+WITH claimable AS (
+    SELECT m.id FROM messages m
+    WHERE m.status IN ('pending', 'embedded')
+      AND CASE WHEN m.claimed_by = $1 THEN m.claimed_at <= now() - make_interval(secs => $2::bigint / 1000.0)
+               ELSE m.claimed_by IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = m.claimed_by AND i.alive_until > now())
+          END
+    ORDER BY m.received_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE messages m SET claimed_by = $1, claimed_at = now()
+FROM claimable c
+WHERE m.id = c.id
+RETURNING m.id, m.creator_id, m.text, m.status
+"#;
+
+/// Registers or renews instance $1 until now() + $2 ms; forgets the
+/// instances whose time ran out (their messages are then unclaimed).
+const RENEW_INSTANCE: &str = r#"
+WITH renewed AS (
+    INSERT INTO instances (id, alive_until) VALUES ($1, now() + make_interval(secs => $2::bigint / 1000.0))
+    ON CONFLICT (id) DO UPDATE SET alive_until = EXCLUDED.alive_until
+    RETURNING id
+)
+DELETE FROM instances WHERE alive_until < now() AND id NOT IN (SELECT id FROM renewed)
 "#;
 
 /// `failed` back to `pending`, optionally for one creator ($1) and/or
-/// some ids ($2).
+/// some ids ($2), claimed by the instance that feeds them again ($3).
 const RETRY_FAILED: &str = r#"
-UPDATE messages SET status = 'pending', error = NULL
+UPDATE messages SET status = 'pending', error = NULL, claimed_by = $3, claimed_at = now()
 WHERE status = 'failed'
   AND ($1::text IS NULL OR creator_id = $1)
   AND ($2::uuid[] IS NULL OR id = ANY($2))
@@ -180,7 +211,7 @@ impl Repository {
             .collect();
         let tx = self.db.begin().await?;
         let inserted: std::collections::HashSet<Uuid> = tx
-            .query_all_raw(stmt(INSERT_GROUP, [Value::Json(Some(Box::new(rows.into())))]))
+            .query_all_raw(stmt(INSERT_GROUP, [Value::Json(Some(Box::new(rows.into()))), self.instance.into()]))
             .await?
             .iter()
             .map(|row| row.try_get::<Uuid>("", "id"))
@@ -290,15 +321,43 @@ impl Repository {
         let values = [
             creator_id.map(str::to_owned).into(),
             ids.map_or_else(null_array::<Uuid>, |ids| uuid_array(ids.iter().copied())),
+            self.instance.into(),
         ];
         Ok(Unfinished::find_by_statement(stmt(RETRY_FAILED, values)).all(&self.db).await?)
     }
 
-    /// Messages still `pending` or `embedded` that arrived at or before
-    /// `received_before`, oldest first.
+    /// Claims for this instance, oldest first, up to `limit` unfinished
+    /// messages (`pending` or `embedded`) that no live instance holds, and
+    /// its own held for longer than `stale_after` (see [`UNFINISHED`]). A
+    /// repository without an instance claims only the unheld ones.
     #[tracing::instrument(skip(self))]
-    pub async fn unfinished(&self, received_before: DateTime<Utc>, limit: usize) -> Result<Vec<Unfinished>, RepoError> {
-        let values = [received_before.into(), (limit as i64).into()];
+    pub async fn claim_unfinished(
+        &self,
+        stale_after: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<Unfinished>, RepoError> {
+        let stale_ms = i64::try_from(stale_after.as_millis()).unwrap_or(i64::MAX);
+        let values = [self.instance.into(), stale_ms.into(), (limit as i64).into()];
         Ok(Unfinished::find_by_statement(stmt(UNFINISHED, values)).all(&self.db).await?)
+    }
+
+    /// Registers this instance, or renews it, as alive for `ttl` (from the
+    /// database's clock); instances past their time are forgotten. Does
+    /// nothing for a repository without an instance.
+    #[tracing::instrument(skip(self))]
+    pub async fn renew_instance(&self, ttl: std::time::Duration) -> Result<(), RepoError> {
+        let Some(id) = self.instance else { return Ok(()) };
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        self.db.execute_raw(stmt(RENEW_INSTANCE, [id.into(), ttl_ms.into()])).await?;
+        Ok(())
+    }
+
+    /// Removes this instance's row (a graceful stop): what it still holds
+    /// becomes unclaimed at once, for any instance's next sweep.
+    #[tracing::instrument(skip(self))]
+    pub async fn leave_instance(&self) -> Result<(), RepoError> {
+        let Some(id) = self.instance else { return Ok(()) };
+        self.db.execute_raw(stmt("DELETE FROM instances WHERE id = $1", [id.into()])).await?;
+        Ok(())
     }
 }

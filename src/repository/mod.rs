@@ -57,6 +57,10 @@ pub struct Repository {
     /// The decision's parameters, which the creator operations learn with
     /// (`None`: they learn nothing; a repository of the command line).
     params: Option<crate::clustering::Params>,
+    /// This instance's id in `instances`: the messages it ingests or puts
+    /// back to `pending` are claimed by it (`None`: by nobody; a
+    /// repository of the command line).
+    instance: Option<uuid::Uuid>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +171,7 @@ pub fn is_unavailable(err: &DbErr) -> bool {
 
 impl Repository {
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db, label_exact_max: 1000, params: None }
+        Self { db, label_exact_max: 1000, params: None, instance: None }
     }
 
     /// Sets `clustering.label_exact_max`.
@@ -179,6 +183,13 @@ impl Repository {
     /// Sets the parameters the creator operations learn with.
     pub fn with_params(mut self, params: crate::clustering::Params) -> Self {
         self.params = Some(params);
+        self
+    }
+
+    /// Claims what this repository ingests for the instance `id` (see
+    /// `crate::actors::recovery`).
+    pub fn with_instance(mut self, id: uuid::Uuid) -> Self {
+        self.instance = Some(id);
         self
     }
 

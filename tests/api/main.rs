@@ -20,4 +20,5 @@ mod plans;
 mod pressure;
 mod races;
 mod restart;
+mod sharing;
 mod shutdown;

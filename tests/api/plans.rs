@@ -82,9 +82,8 @@ async fn hot_queries_use_their_indexes() {
         let suggest = vec![texts(&["creator-7", "creator-8"]), texts(&[vector, vector]), Value::from(0.6f32)];
         let p = plan(&app, clusterd::repository::SUGGEST_SQL, suggest, generic).await;
         assert!(!p.contains("Seq Scan"), "{p}");
-        let p =
-            plan(&app, clusterd::repository::UNFINISHED_SQL, vec![chrono::Utc::now().into(), 1000i64.into()], generic)
-                .await;
+        let claim = vec![uuid::Uuid::now_v7().into(), 2000i64.into(), 1000i64.into()];
+        let p = plan(&app, clusterd::repository::UNFINISHED_SQL, claim, generic).await;
         assert_uses(&p, &["messages_unfinished"]);
 
         let list = "SELECT id, size FROM clusters WHERE creator_id = $1 AND status = 'open'
