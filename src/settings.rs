@@ -222,6 +222,9 @@ pub struct AuthSettings {
     pub rate_per_sec: f64,
     /// Requests a token may make at once after being idle; 0: `rate_per_sec`.
     pub rate_burst: u32,
+    /// A Redis round trip of the shared rate limit slower than this lets
+    /// the instance decide alone (see `api::shared_rate`).
+    pub rate_redis_timeout_ms: u64,
 }
 
 impl AuthSettings {

@@ -160,6 +160,9 @@ impl Application {
         );
         let resolver =
             Arc::new(Resolver::new(Arc::new(provider), Arc::new(cache), metrics.clone(), &settings.embedder));
+        let shared_rate =
+            api::shared_rate::SharedRate::new(&settings.auth, &settings.redis).context("shared rate limit")?;
+        tracing::info!(shared = shared_rate.is_some(), "rate limits ready");
         let arbiter = Arbiter::new();
         let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone());
 
@@ -180,7 +183,7 @@ impl Application {
             repo: repo.clone(),
             pipeline: pipeline.clone(),
             operations: crate::operations::Operations::new(repo.clone(), &pipeline, settings.limits.clone()),
-            auth: api::auth::Authenticator::new(&settings.auth, repo.clone()),
+            auth: api::auth::Authenticator::new(&settings.auth, repo.clone(), shared_rate),
             settings,
             metrics,
             next_session: AtomicU64::new(1),

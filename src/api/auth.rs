@@ -9,6 +9,11 @@
 //! they touch. The WebSocket session keeps its principal, checks every
 //! frame, and revalidates the token on each heartbeat, so a revoked token
 //! loses its stream too.
+//!
+//! With Redis configured, a token's budget is shared by every instance
+//! (see [`super::shared_rate`]); while Redis fails or is slow, each
+//! instance applies the same limit alone, in process, and returns to the
+//! shared budget by itself when Redis answers again.
 
 use std::{
     net::IpAddr,
@@ -29,7 +34,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, clock::Clock};
 use lru::LruCache;
 use uuid::Uuid;
 
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, shared_rate::SharedRate};
 use crate::{
     domain::token::{self, Scope, TokenHash},
     repository::Repository,
@@ -129,10 +134,15 @@ pub struct Authenticator {
     cache_ttl: Duration,
     cache: Mutex<LruCache<TokenHash, Cached>>,
     limiter: Option<DefaultKeyedRateLimiter<RateKey>>,
+    /// The budget shared across instances (Redis configured and a limit
+    /// set); `limiter` decides while it cannot.
+    shared: Option<SharedRate>,
+    /// The largest cost a request may have (the burst).
+    burst: u32,
 }
 
 impl Authenticator {
-    pub fn new(settings: &AuthSettings, repo: Repository) -> Self {
+    pub fn new(settings: &AuthSettings, repo: Repository, shared: Option<SharedRate>) -> Self {
         if !settings.enabled {
             tracing::warn!(
                 "AUTHENTICATION IS OFF (auth.enabled = false): anyone who can reach this port can read, change and \
@@ -150,6 +160,8 @@ impl Authenticator {
             cache_ttl: settings.cache_ttl(),
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(CACHE_ENTRIES).expect("non-zero"))),
             limiter,
+            shared,
+            burst: settings.burst().get(),
         }
     }
 
@@ -192,8 +204,9 @@ impl Authenticator {
         found.ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))
     }
 
-    /// Spends `cost` requests of the principal's rate limit.
-    pub fn charge(&self, principal: &Principal, cost: usize) -> Result<(), ApiError> {
+    /// Spends `cost` requests of the principal's rate limit: the shared
+    /// budget in Redis when it answers, else this instance's own.
+    pub async fn charge(&self, principal: &Principal, cost: usize) -> Result<(), ApiError> {
         let (Some(limiter), Some(cost)) = (&self.limiter, NonZeroU32::new(u32::try_from(cost).unwrap_or(u32::MAX)))
         else {
             return Ok(());
@@ -202,6 +215,19 @@ impl Authenticator {
             message: "this token's rate limit is spent; retry later".into(),
             retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
         };
+        if cost.get() > self.burst {
+            return Err(ApiError::RateLimited {
+                message: format!("this request ({cost} messages) is larger than the token's rate limit burst"),
+                retry_after_secs: 1,
+            });
+        }
+        if let Some(shared) = &self.shared {
+            match shared.charge(&principal.rate_key.to_string(), cost.get()).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(wait)) => return Err(refused(wait)),
+                Err(error) => tracing::debug!(%error, "the shared rate limit cannot decide; this instance's does"),
+            }
+        }
         match limiter.check_key_n(&principal.rate_key, cost) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(refused(not_until.wait_time_from(limiter.clock().now()))),
@@ -209,6 +235,17 @@ impl Authenticator {
                 message: format!("this request ({cost} messages) is larger than the token's rate limit burst"),
                 retry_after_secs: 1,
             }),
+        }
+    }
+}
+
+/// The name of a budget in Redis.
+impl std::fmt::Display for RateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RateKey::Token(id) => write!(f, "token:{id}"),
+            RateKey::Peer(Some(ip)) => write!(f, "peer:{ip}"),
+            RateKey::Peer(None) => write!(f, "peer:unknown"),
         }
     }
 }
@@ -254,7 +291,7 @@ pub async fn authenticate(
     let peer = req.peer_addr().map(|addr| addr.ip());
     let token = bearer(&req);
     let checked = match state.auth.authenticate(token.as_deref(), peer).await {
-        Ok(principal) => state.auth.charge(&principal, 1).map(|()| principal),
+        Ok(principal) => state.auth.charge(&principal, 1).await.map(|()| principal),
         Err(error) => Err(error),
     };
     match checked {

@@ -44,7 +44,7 @@ pub async fn post_batch(
     }
     // The request itself was charged once already; each further message
     // counts too.
-    state.auth.charge(&principal, items.len() - 1)?;
+    state.auth.charge(&principal, items.len() - 1).await?;
     // Each item is validated on its own; the valid ones go in one commit.
     let now = Utc::now();
     let mut results: Vec<Option<BatchItemResult>> = Vec::with_capacity(items.len());

@@ -8,6 +8,7 @@ mod clusters;
 pub mod error;
 mod health;
 mod messages;
+pub mod shared_rate;
 mod ws;
 
 use std::sync::{

@@ -231,7 +231,7 @@ impl WsSession {
         if let Err(ApiError::Unauthorized(_)) = self.state.auth.revalidate(&self.principal).await {
             return Err(End::Close(CloseCode::Policy, "token revoked"));
         }
-        if let Err(error) = self.state.auth.charge(&self.principal, 1) {
+        if let Err(error) = self.state.auth.charge(&self.principal, 1).await {
             self.state.metrics.auth_refused.with_label_values(&[error.code()]).inc();
             return self.reply(error_frame(id, &error)).await;
         }

@@ -1,21 +1,32 @@
-//! Work shared across instances: three instances on one database sweep one
-//! backlog of unfinished messages, while visitors' messages keep arriving
-//! through all three; each message is embedded once (counted by the fake
-//! OpenAI server, with no vector cache to hide a second request) and
-//! clustered once, and work held by a live instance is left to it until it
-//! dies.
+//! Work and limits shared across instances.
+//!
+//! Three instances on one database sweep one backlog of unfinished
+//! messages, while visitors' messages keep arriving through all three; each
+//! message is embedded once (counted by the fake OpenAI server, with no
+//! vector cache to hide a second request) and clustered once, and work held
+//! by a live instance is left to it until it dies.
+//!
+//! Two instances on one Redis share each token's rate limit, answer its
+//! refusal exactly as one instance does, fall back to their own limits
+//! while Redis is away and share again once it is back.
 
 use std::collections::HashMap;
 
-use clusterd::settings::{EmbedderProvider, Settings};
+use actix_web::http::StatusCode;
+use clusterd::{
+    domain::token::{self, Scope},
+    repository::Repository,
+    settings::{EmbedderProvider, Settings},
+};
 use clusterd_migration::{Migrator, MigratorTrait};
 use futures_util::future::join_all;
 use sea_orm::{ConnectionTrait, Database};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::{
     fake_openai::FakeOpenAi,
-    helpers::{PATIENCE, TestApp, flush_all, fresh_database, spawn_app_on},
+    faults::ScratchRedis,
+    helpers::{PATIENCE, TestApp, flush_all, fresh_database, redis_url, spawn_app_on},
 };
 
 const CREATORS: usize = 6;
@@ -184,4 +195,126 @@ async fn three_instances_sweeping_one_backlog_embed_and_cluster_each_message_onc
         apps[creator % 3].assert_cluster_invariants(&format!("creator-share-{creator}")).await;
     }
     assert_eq!(count(apps[0], "status = 'clustered'").await, total);
+}
+
+/// Auth on with a budget of 5 that cannot refill while a test runs (one
+/// request per thousand seconds), shared through `redis` when given.
+fn limited(redis: Option<String>) -> impl Fn(&mut Settings) + Clone {
+    move |s: &mut Settings| {
+        s.auth.enabled = true;
+        s.auth.cache_ttl_ms = 0;
+        s.auth.rate_per_sec = 0.001;
+        s.auth.rate_burst = 5;
+        s.limits.max_batch = 5;
+        s.redis.url = redis.clone().map(Into::into);
+    }
+}
+
+async fn ingest_token(app: &TestApp) -> (String, uuid::Uuid) {
+    let (secret, hash) = token::generate();
+    let id = Repository::new(app.db.clone()).create_token(&hash, &Scope::Ingest, "test").await.expect("store a token");
+    (secret, id)
+}
+
+/// Status, body and `Retry-After` of one message sent with `token`.
+async fn send(app: &TestApp, token: &str, text: &str) -> (StatusCode, Value, Option<String>) {
+    let body = json!({"creator_id": "creator-limits", "text": text});
+    let mut response = app
+        .client
+        .post(format!("{}/v1/messages", app.address))
+        .bearer_auth(token)
+        .send_json(&body)
+        .await
+        .expect("the server answers");
+    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body: Value = response.json().await.expect("a JSON body");
+    (response.status(), body, retry_after)
+}
+
+/// Spends the budget of 5 across `first` (3) and `second` (2); then both
+/// refuse; returns the refusal `second` gave.
+async fn spend_across(first: &TestApp, second: &TestApp, token: &str) -> (Value, Option<String>) {
+    for (i, app) in [first, first, first, second, second].into_iter().enumerate() {
+        let (status, body, _) = send(app, token, &format!("within budget {i}")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "request {i} is within the shared budget: {body}");
+    }
+    let (status, refused, retry_after) = send(second, token, "over budget").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "the budget is shared: {refused}");
+    let (status, body, _) = send(first, token, "over budget again").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    (refused, retry_after)
+}
+
+#[actix_web::test]
+async fn two_instances_on_one_redis_share_a_tokens_rate_limit_and_refuse_as_one_instance_does() {
+    let db_url = fresh_database().await;
+    let one = spawn_app_on(&db_url, limited(Some(redis_url()))).await;
+    let two = spawn_app_on(&db_url, limited(Some(redis_url()))).await;
+    let alone = spawn_app_on(&db_url, limited(None)).await;
+
+    // One instance alone, in process: the refusal as it has always been.
+    let (reference, _) = ingest_token(&alone).await;
+    for i in 0..5 {
+        assert_eq!(send(&alone, &reference, &format!("alone {i}")).await.0, StatusCode::ACCEPTED);
+    }
+    let (status, expected_body, expected_retry) = send(&alone, &reference, "alone, over budget").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+
+    let (busy, _) = ingest_token(&one).await;
+    let (refused, retry_after) = spend_across(&one, &two, &busy).await;
+    assert_eq!(refused, expected_body, "the same body as one instance's refusal");
+    assert!(expected_retry.is_some(), "a refusal carries Retry-After");
+    assert_eq!(retry_after, expected_retry, "the same Retry-After as one instance's refusal");
+
+    // Another token has its own budget, on either instance.
+    let (calm, _) = ingest_token(&one).await;
+    assert_eq!(send(&two, &calm, "another token").await.0, StatusCode::ACCEPTED);
+    assert_eq!(send(&one, &calm, "another token again").await.0, StatusCode::ACCEPTED);
+}
+
+#[actix_web::test]
+async fn without_redis_each_instance_limits_alone_and_shares_again_when_redis_is_back() {
+    let mut redis = ScratchRedis::start();
+    let db_url = fresh_database().await;
+    let one = spawn_app_on(&db_url, limited(Some(redis.url()))).await;
+    let two = spawn_app_on(&db_url, limited(Some(redis.url()))).await;
+
+    redis.kill();
+    // Each instance now has the whole budget to itself: 5 on each, then 429.
+    let (token, _) = ingest_token(&one).await;
+    for app in [&one, &two] {
+        for i in 0..5 {
+            let (status, body, _) = send(app, &token, &format!("redis away {i}")).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        }
+        let (status, body, retry_after) = send(app, &token, "redis away, over budget").await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+        assert_eq!(body["error"]["code"], "rate_limited");
+        assert!(retry_after.is_some());
+    }
+
+    redis.up();
+    // Each instance tries Redis again after its rest: wait until both have
+    // charged a probe token's budget there.
+    let client = redis::Client::open(redis.url()).expect("a redis URL");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis accepts connections");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for app in [&one, &two] {
+        let (probe, probe_id) = ingest_token(app).await;
+        loop {
+            // Until then the instance's own limit answers (and may refuse).
+            let (status, body, _) = send(app, &probe, "probe").await;
+            assert!([StatusCode::ACCEPTED, StatusCode::TOO_MANY_REQUESTS].contains(&status), "{body}");
+            let key = format!("clusterd:rate:token:{probe_id}");
+            let exists: bool = redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await.expect("EXISTS");
+            if exists {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the instance did not return to Redis in time");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // Shared again: a fresh token's budget of 5 spans both instances.
+    let (fresh, _) = ingest_token(&one).await;
+    spend_across(&one, &two, &fresh).await;
 }
