@@ -8,7 +8,8 @@
 //!
 //! Two instances on one Redis share each token's rate limit, answer its
 //! refusal exactly as one instance does, fall back to their own limits
-//! while Redis is away and share again once it is back.
+//! while Redis is away and share again once it is back; a token revoked
+//! is refused by every instance, as on one.
 
 use std::collections::HashMap;
 
@@ -317,4 +318,23 @@ async fn without_redis_each_instance_limits_alone_and_shares_again_when_redis_is
     // Shared again: a fresh token's budget of 5 spans both instances.
     let (fresh, _) = ingest_token(&one).await;
     spend_across(&one, &two, &fresh).await;
+}
+
+/// The revocation bound (`auth.cache_ttl_ms`, 0 here) holds on every
+/// instance: none keeps a token alive that another instance saw revoked.
+#[actix_web::test]
+async fn a_token_revoked_is_refused_by_every_instance_within_the_cache_bound() {
+    let db_url = fresh_database().await;
+    let one = spawn_app_on(&db_url, limited(Some(redis_url()))).await;
+    let two = spawn_app_on(&db_url, limited(Some(redis_url()))).await;
+    let (secret, id) = ingest_token(&one).await;
+    // Both instances have looked the token up.
+    assert_eq!(send(&one, &secret, "before revocation").await.0, StatusCode::ACCEPTED);
+    assert_eq!(send(&two, &secret, "before revocation too").await.0, StatusCode::ACCEPTED);
+
+    Repository::new(one.db.clone()).revoke_token(id).await.expect("revoke");
+    for app in [&one, &two] {
+        let (status, body, _) = send(app, &secret, "after revocation").await;
+        assert_eq!((status, &body["error"]["code"]), (StatusCode::UNAUTHORIZED, &json!("unauthorized")), "{body}");
+    }
 }
