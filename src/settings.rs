@@ -71,6 +71,14 @@ pub struct DatabaseSettings {
     pub connect_timeout_secs: u64,
     pub start_wait_secs: u64,
     pub statement_timeout_ms: u64,
+    /// Prepared statements each connection keeps (sqlx's statement cache);
+    /// 0: none kept, which PgBouncer before 1.21 in transaction mode needs.
+    pub statement_cache_capacity: usize,
+    /// Send `statement_timeout` and `hnsw.ef_search` as connection startup
+    /// options (they then bound every statement). PgBouncer refuses startup
+    /// options: `false` behind it, and each transaction sets them with
+    /// `SET LOCAL` instead.
+    pub startup_options: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

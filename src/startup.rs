@@ -135,9 +135,23 @@ impl Application {
         let db = connect_when_ready(&settings).await?;
         schema::pin_dimension(&db, settings.embedder.dimensions).await.context("embedding dimension")?;
         schema::sync_hnsw(&db, &settings.index).await.context("HNSW index")?;
+        let database = &settings.database;
+        if !database.startup_options && database.statement_cache_capacity > 0 {
+            tracing::warn!(
+                statement_cache_capacity = database.statement_cache_capacity,
+                "database.startup_options is off (as behind PgBouncer) and prepared statements are cached: \
+                 PgBouncer in transaction mode before 1.21 loses them between transactions; \
+                 use its session mode, or 1.21+ with max_prepared_statements"
+            );
+        }
+        let local = (!database.startup_options).then_some(repository::LocalSettings {
+            statement_timeout_ms: database.statement_timeout_ms,
+            hnsw_ef_search: settings.index.hnsw_ef_search,
+        });
         let repo = Repository::new(db)
             .with_label_exact_max(settings.clustering.label_exact_max)
-            .with_params((&settings.clustering).into());
+            .with_params((&settings.clustering).into())
+            .with_local_settings(local);
 
         let metrics = Arc::new(Metrics::new());
         let provider = Provider::build(&settings.embedder, metrics.embed_provider_retries.clone())
