@@ -69,6 +69,7 @@ readonly PG_MAJOR="18"
 readonly PG_USER="clusterd-pg"       # system user that owns and runs the cluster
 readonly PG_SUPERUSER="clusterd"     # database superuser (created by initdb)
 readonly PG_DATABASE="clusterd"      # application database
+readonly PG_SESSION_USER="clusterd_session"  # PgBouncer pools this login in session mode
 readonly PG_PORT="${CLUSTERD_PG_PORT:-55432}"
 readonly REDIS_PORT="${CLUSTERD_REDIS_PORT:-56379}"
 readonly PGBOUNCER_PORT="${CLUSTERD_PGBOUNCER_PORT:-56432}"
@@ -745,7 +746,7 @@ write_pgbouncer_config() {
     chown "$PG_USER:" "$PGB_DIR"
     chmod 0700 "$PGB_DIR"
     # trust still needs the user listed; no password is checked.
-    printf '"%s" ""\n' "$PG_SUPERUSER" >"$PGB_DIR/userlist.txt"
+    printf '"%s" ""\n' "$PG_SUPERUSER" "$PG_SESSION_USER" >"$PGB_DIR/userlist.txt"
     cat >"$PGB_DIR/pgbouncer.ini" <<EOF
 ; Written by scripts/stack.sh at every start: edit the script, not this file.
 ; DEVELOPMENT ONLY: loopback, trust, like the PostgreSQL behind it.
@@ -753,6 +754,12 @@ write_pgbouncer_config() {
 ; Every database of the stack's PostgreSQL, each its own pool (created on
 ; first use, dropped autodb_idle_timeout after its last use).
 * = host=$HOST port=$PG_PORT
+
+[users]
+; The same databases in session mode (a server connection per client
+; connection, for as long as it lasts): what clusterd needs from PgBouncer
+; 1.18, whose transaction mode loses sqlx's named prepared statements.
+$PG_SESSION_USER = pool_mode=session
 
 [pgbouncer]
 listen_addr = $HOST
@@ -781,23 +788,41 @@ EOF
     chmod 0600 "$PGB_DIR/userlist.txt" "$PGB_DIR/pgbouncer.ini"
 }
 
-# One real query through PgBouncer to the stack's database: it pools.
-verify_pgbouncer() {
+# The login PgBouncer pools in session mode: a superuser like
+# $PG_SUPERUSER (development only; trust on loopback).
+ensure_session_role() {
     local out
-    out="$(PGCONNECT_TIMEOUT=5 "$(psql_bin)" -X -q -A -t -v ON_ERROR_STOP=1 \
-        "host=$HOST port=$PGBOUNCER_PORT user=$PG_SUPERUSER dbname=$PG_DATABASE" \
-        -c "SELECT 'through ' || current_database()" 2>&1)" \
-        || die "pgbouncer does not pass a query to $PG_DATABASE on $HOST:$PGBOUNCER_PORT: $out (log: $PGB_DIR/pgbouncer.log)"
-    [[ "$out" == "through $PG_DATABASE" ]] || die "a query through pgbouncer returned '$out'"
+    out="$(run_psql postgres -c "DO \$\$ BEGIN
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_SESSION_USER') THEN
+            CREATE ROLE $PG_SESSION_USER LOGIN SUPERUSER;
+        END IF; END \$\$" 2>&1)" || die "cannot create the role $PG_SESSION_USER: $out"
+}
+
+# One real query through PgBouncer to the stack's database, in each mode.
+verify_pgbouncer() {
+    local out user
+    for user in "$PG_SUPERUSER" "$PG_SESSION_USER"; do
+        out="$(PGCONNECT_TIMEOUT=5 "$(psql_bin)" -X -q -A -t -v ON_ERROR_STOP=1 \
+            "host=$HOST port=$PGBOUNCER_PORT user=$user dbname=$PG_DATABASE" \
+            -c "SELECT 'through ' || current_database()" 2>&1)" \
+            || die "pgbouncer does not pass a query of $user to $PG_DATABASE on $HOST:$PGBOUNCER_PORT: $out (log: $PGB_DIR/pgbouncer.log)"
+        [[ "$out" == "through $PG_DATABASE" ]] || die "a query through pgbouncer returned '$out'"
+    done
     out="$(PGCONNECT_TIMEOUT=5 "$(psql_bin)" -X -q -A -t \
         "host=$HOST port=$PGBOUNCER_PORT user=$PG_SUPERUSER dbname=pgbouncer" -c "SHOW CONFIG" 2>&1)" \
         || die "pgbouncer's admin console does not answer: $out"
+    out="$out
+$(PGCONNECT_TIMEOUT=5 "$(psql_bin)" -X -q -A -t \
+        "host=$HOST port=$PGBOUNCER_PORT user=$PG_SUPERUSER dbname=pgbouncer" -c "SHOW USERS" 2>&1)"
+    grep -q "^$PG_SESSION_USER|session" <<<"$out" \
+        || die "the pgbouncer on $HOST:$PGBOUNCER_PORT does not pool $PG_SESSION_USER in session mode (an old pgbouncer.ini? run 'scripts/stack.sh down' then 'up')"
     grep -q '^pool_mode|transaction|' <<<"$out" \
         || die "the pgbouncer on $HOST:$PGBOUNCER_PORT is not in transaction mode; was CLUSTERD_PGBOUNCER_PORT changed? run 'scripts/stack.sh down' then 'up'"
 }
 
 pgbouncer_up() {
     ensure_pgbouncer_installed
+    ensure_session_role
     local state
     state="$(pgbouncer_state)"
     if [[ "$state" == running ]]; then
@@ -920,6 +945,7 @@ export CLUSTERD_TEST_DATABASE_URL=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgr
 export CLUSTERD__REDIS__URL=redis://$HOST:$REDIS_PORT/
 export CLUSTERD_TEST_REDIS_URL=redis://$HOST:$REDIS_PORT/
 export CLUSTERD_TEST_PGBOUNCER_URL=postgres://$PG_SUPERUSER@$HOST:$PGBOUNCER_PORT/postgres
+export CLUSTERD_TEST_PGBOUNCER_SESSION_URL=postgres://$PG_SESSION_USER@$HOST:$PGBOUNCER_PORT/postgres
 export CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR=$MODEL_DIR
 EOF
 }
