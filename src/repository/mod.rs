@@ -26,6 +26,12 @@
 //! transaction lock first, so that clustering decisions and creator
 //! operations are serialised per creator across every instance sharing the
 //! database, and event ids increase by exactly one.
+//!
+//! No session state: advisory locks are transaction-scoped only, and every
+//! transaction begins through `Repository::begin_tx`, which sets the
+//! statement timeout and the HNSW search breadth with `SET LOCAL` when the
+//! connections could not get them as startup options (behind PgBouncer,
+//! `database.startup_options = false`).
 
 mod bind;
 mod clustering;
@@ -44,7 +50,6 @@ pub use clustering::{
 };
 pub use clusters::{ClusterFilter, ClusterSort, ListQuery};
 pub use events::StoredEvent;
-
 pub use messages::{InsertOutcome, UNFINISHED as UNFINISHED_SQL, Unfinished};
 pub use tokens::TokenInfo;
 
