@@ -3,7 +3,8 @@
 //! login `CLUSTERD_TEST_PGBOUNCER_SESSION_URL` names) with
 //! `database.startup_options = false`: the core paths (ingest over HTTP and
 //! WebSocket, clustering, operations, listing, detail, a live subscriber,
-//! recovery after SIGKILL). In transaction mode (`CLUSTERD_TEST_PGBOUNCER_URL`)
+//! recovery after SIGKILL), and the settings each transaction sets for
+//! itself, ending with it. In transaction mode (`CLUSTERD_TEST_PGBOUNCER_URL`)
 //! what is true today: sqlx 0.9's named prepared statements do not survive
 //! transaction pooling, cache on or off, and the daemon stops at its start
 //! with the reason. Startup options are refused in either mode. Assertions
@@ -213,4 +214,40 @@ async fn acknowledged_messages_survive_sigkill_and_are_clustered_after_restart_t
     daemon.child.wait().expect("the daemon exits");
     assert_eq!(count("SELECT count(*) AS n FROM messages").await, 20, "stored exactly once");
     assert_eq!(count("SELECT count(*) AS n FROM events").await, 20, "one event per decision");
+}
+
+/// Behind PgBouncer the statement timeout and the HNSW search breadth hold
+/// inside each of the daemon's transactions, and end with it: the next
+/// transaction on the same server connection starts from the server's
+/// defaults (nothing is session state).
+#[actix_web::test]
+async fn behind_pgbouncer_the_timeout_and_search_breadth_are_set_per_transaction_and_end_with_it() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    let direct = fresh_database().await;
+    let mut settings = test_settings(&through_pgbouncer_sessions(&direct));
+    settings.database.startup_options = false;
+    settings.database.min_connections = 1;
+    settings.database.max_connections = 1;
+    let db = clusterd::repository::schema::connect(&settings.database, &settings.index).await.expect("connect");
+    let repo = clusterd::repository::Repository::new(db.clone()).with_local_settings(Some(
+        clusterd::repository::LocalSettings { statement_timeout_ms: 4321, hnsw_ef_search: 77 },
+    ));
+    let show = "SELECT current_setting('statement_timeout') AS timeout, \
+                coalesce(current_setting('hnsw.ef_search', true), 'unset') AS ef, pg_backend_pid() AS pid";
+    let read = async |conn: &sea_orm::DatabaseTransaction| {
+        let row =
+            conn.query_one_raw(Statement::from_string(DbBackend::Postgres, show)).await.expect("query").expect("a row");
+        let text = |column| row.try_get::<String>("", column).expect("a setting");
+        (text("timeout"), text("ef"), row.try_get::<i32>("", "pid").expect("a pid"))
+    };
+    let tx = repo.begin().await.expect("a transaction");
+    let (timeout, ef, inside) = read(&tx).await;
+    assert_eq!((timeout.as_str(), ef.as_str()), ("4321ms", "77"));
+    tx.commit().await.expect("commit");
+    let tx = db.begin().await.expect("a plain transaction");
+    let (timeout, ef, after) = read(&tx).await;
+    tx.commit().await.expect("commit");
+    assert_eq!(after, inside, "the same server connection (one client connection, session mode)");
+    assert_eq!(timeout, "0", "the timeout ended with its transaction");
+    assert_ne!(ef, "77", "the search breadth ended with its transaction");
 }
