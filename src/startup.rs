@@ -105,6 +105,23 @@ async fn connect_when_ready(settings: &Settings) -> anyhow::Result<sea_orm::Data
         .context("cannot connect to PostgreSQL and migrate (database.url)")
 }
 
+/// Adds the likely cause to a start that failed on a lost or foreign named
+/// prepared statement: a transaction pooler (PgBouncer in transaction mode
+/// before 1.21) hands each transaction any server connection, and sqlx
+/// names its statements whatever `database.statement_cache_capacity` is.
+fn explain_pooler(error: anyhow::Error) -> anyhow::Error {
+    let text = format!("{error:#}");
+    if text.contains("prepared statement \"sqlx_s_") {
+        error.context(
+            "the database connection loses prepared statements between transactions: is it PgBouncer in \
+             transaction mode? Before 1.21 that cannot work (sqlx names every statement); use session mode, or \
+             PgBouncer >= 1.21 with max_prepared_statements",
+        )
+    } else {
+        error
+    }
+}
+
 /// Writes `port` to `path` atomically (a temporary file renamed over it):
 /// whoever reads the file sees the whole number or no file.
 fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
@@ -134,9 +151,19 @@ impl Application {
     /// actix system.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         install_tls_provider();
-        let db = connect_when_ready(&settings).await?;
-        schema::pin_dimension(&db, settings.embedder.dimensions).await.context("embedding dimension")?;
-        schema::sync_hnsw(&db, &settings.index).await.context("HNSW index")?;
+        let db = async {
+            let db = connect_when_ready(&settings).await?;
+            schema::pin_dimension(&db, settings.embedder.dimensions).await.context("embedding dimension")?;
+            schema::sync_hnsw(&db, &settings.index).await.context("HNSW index")?;
+            anyhow::Ok(db)
+        }
+        .await
+        .map_err(explain_pooler)?;
+        let database = &settings.database;
+        let local = (!database.startup_options).then_some(repository::LocalSettings {
+            statement_timeout_ms: database.statement_timeout_ms,
+            hnsw_ef_search: settings.index.hnsw_ef_search,
+        });
         // This process's identity for the claims on unfinished work shared
         // with other instances (see `actors::recovery`): registered before
         // anything is ingested, so that nobody takes what it stores.
@@ -144,6 +171,7 @@ impl Application {
         let repo = Repository::new(db)
             .with_label_exact_max(settings.clustering.label_exact_max)
             .with_params((&settings.clustering).into())
+            .with_local_settings(local)
             .with_instance(instance);
         repo.renew_instance(settings.recovery.instance_ttl()).await.context("register this instance")?;
         tracing::info!(%instance, "instance registered");

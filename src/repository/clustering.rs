@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait, prelude::PgVector};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, prelude::PgVector};
 use uuid::Uuid;
 
 use super::{
@@ -146,7 +146,7 @@ struct Insert<'a> {
 impl Repository {
     /// Begins the transaction a group is decided in.
     pub async fn begin(&self) -> Result<DatabaseTransaction, RepoError> {
-        Ok(self.db.begin().await?)
+        Ok(self.begin_tx().await?)
     }
 
     /// Takes the creators' advisory locks, then loads those of `messages`

@@ -11,7 +11,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, DerivePartialModel, EntityTrait, FromQueryResult,
-    QueryFilter, QuerySelect, Select, TransactionTrait, prelude::PgVector, sea_query::Expr,
+    QueryFilter, QuerySelect, Select, prelude::PgVector, sea_query::Expr,
 };
 use uuid::Uuid;
 
@@ -483,7 +483,7 @@ impl Repository {
     ) -> Result<(MoveResult, StoredEvent), RepoError> {
         let message_missing = || RepoError::Missing(format!("message {message_id} not found"));
         let creator_id = self.message_owner(message_id).await.map_err(missing(|| format!("message {message_id}")))?;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_tx().await?;
         lock_creators(&tx, [creator_id.as_str()]).await?;
         let sql = format!("SELECT {MESSAGE_COLUMNS}, embedding FROM messages WHERE id = $1 FOR UPDATE");
         let member =
@@ -583,7 +583,7 @@ impl Repository {
     /// creator's lock, then reads the cluster again under it.
     async fn begin_on_cluster(&self, id: Uuid) -> Result<(DatabaseTransaction, ClusterView), RepoError> {
         let creator_id = self.cluster_owner(id).await?;
-        let tx = self.db.begin().await?;
+        let tx = self.begin_tx().await?;
         lock_creators(&tx, [creator_id.as_str()]).await?;
         let cluster = one_cluster(&tx, cluster::Entity::find_by_id(id).lock_exclusive()).await?;
         Ok((tx, cluster))

@@ -2,9 +2,7 @@
 //! the search for unfinished work.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{
-    ConnectionTrait, DbErr, DerivePartialModel, EntityTrait, FromQueryResult, TransactionTrait, Value, prelude::Json,
-};
+use sea_orm::{ConnectionTrait, DbErr, DerivePartialModel, EntityTrait, FromQueryResult, Value, prelude::Json};
 use uuid::Uuid;
 
 use super::{
@@ -209,7 +207,7 @@ impl Repository {
                 })
             })
             .collect();
-        let tx = self.db.begin().await?;
+        let tx = self.begin_tx().await?;
         let inserted: std::collections::HashSet<Uuid> = tx
             .query_all_raw(stmt(INSERT_GROUP, [Value::Json(Some(Box::new(rows.into()))), self.instance.into()]))
             .await?

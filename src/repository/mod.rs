@@ -26,6 +26,12 @@
 //! transaction lock first, so that clustering decisions and creator
 //! operations are serialised per creator across every instance sharing the
 //! database, and event ids increase by exactly one.
+//!
+//! No session state: advisory locks are transaction-scoped only, and every
+//! transaction begins through `Repository::begin_tx`, which sets the
+//! statement timeout and the HNSW search breadth with `SET LOCAL` when the
+//! connections could not get them as startup options (behind PgBouncer,
+//! `database.startup_options = false`).
 
 mod bind;
 mod clustering;
@@ -61,6 +67,21 @@ pub struct Repository {
     /// back to `pending` are claimed by it (`None`: by nobody; a
     /// repository of the command line).
     instance: Option<uuid::Uuid>,
+    /// Set in every transaction with `SET LOCAL` (`None`: the connections
+    /// got them as startup options).
+    local: Option<LocalSettings>,
+}
+
+/// The settings each transaction sets for itself when connections cannot
+/// carry them (PgBouncer in transaction mode: no startup options, no session
+/// state); `SET LOCAL` ends with the transaction, so nothing leaks to the
+/// next client of the server connection.
+#[derive(Clone, Debug)]
+pub struct LocalSettings {
+    /// `statement_timeout`, in milliseconds.
+    pub statement_timeout_ms: u64,
+    /// `hnsw.ef_search`.
+    pub hnsw_ef_search: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +192,28 @@ pub fn is_unavailable(err: &DbErr) -> bool {
 
 impl Repository {
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db, label_exact_max: 1000, params: None, instance: None }
+        Self { db, label_exact_max: 1000, params: None, instance: None, local: None }
+    }
+
+    /// Sets `local`: each transaction sets these with `SET LOCAL`.
+    pub fn with_local_settings(mut self, local: Option<LocalSettings>) -> Self {
+        self.local = local;
+        self
+    }
+
+    /// Begins a transaction, with the [`LocalSettings`] if there are any
+    /// (one statement more, in the same transaction).
+    async fn begin_tx(&self) -> Result<sea_orm::DatabaseTransaction, DbErr> {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+        let tx = self.db.begin().await?;
+        if let Some(local) = &self.local {
+            tx.execute_raw(stmt(
+                "SELECT set_config('statement_timeout', $1, true), set_config('hnsw.ef_search', $2, true)",
+                [local.statement_timeout_ms.to_string().into(), local.hnsw_ef_search.to_string().into()],
+            ))
+            .await?;
+        }
+        Ok(tx)
     }
 
     /// Sets `clustering.label_exact_max`.

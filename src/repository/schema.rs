@@ -28,12 +28,20 @@ pub enum SchemaError {
     Db(#[from] DbErr),
 }
 
-/// Opens the connection pool with the configured limits. Every connection
-/// gets the statement timeout and the HNSW search breadth.
+/// Opens the connection pool with the configured limits and statement
+/// cache. With `database.startup_options` every connection gets the
+/// statement timeout and the HNSW search breadth at its start; without
+/// (behind PgBouncer, which refuses them) the [`super::Repository`] sets
+/// them in each transaction ([`super::LocalSettings`]). Nothing else is
+/// session state: `extra_float_digits`, which sqlx would send and PgBouncer
+/// refuses too, is left at the server's default (exact output since
+/// PostgreSQL 12).
 pub async fn connect(settings: &DatabaseSettings, index: &IndexSettings) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(settings.url.expose_secret().to_owned());
     let statement_timeout = settings.statement_timeout_ms.to_string();
     let ef_search = index.hnsw_ef_search.to_string();
+    let startup_options = settings.startup_options;
+    let statement_cache = settings.statement_cache_capacity;
     options
         .min_connections(settings.min_connections)
         .max_connections(settings.max_connections)
@@ -42,8 +50,16 @@ pub async fn connect(settings: &DatabaseSettings, index: &IndexSettings) -> Resu
         .acquire_timeout(Duration::from_secs(settings.connect_timeout_secs))
         .sqlx_logging(false)
         .map_sqlx_postgres_opts(move |opts| {
-            opts.options([("statement_timeout", statement_timeout.as_str()), ("hnsw.ef_search", ef_search.as_str())])
-                .application_name("clusterd")
+            let opts =
+                opts.application_name("clusterd").statement_cache_capacity(statement_cache).extra_float_digits(None);
+            if startup_options {
+                opts.options([
+                    ("statement_timeout", statement_timeout.as_str()),
+                    ("hnsw.ef_search", ef_search.as_str()),
+                ])
+            } else {
+                opts
+            }
         });
     Database::connect(options).await
 }

@@ -16,6 +16,7 @@ mod membership;
 mod model;
 mod openai;
 mod operations;
+mod pgbouncer;
 mod plans;
 mod pressure;
 mod races;
