@@ -124,6 +124,13 @@ fn explain_pooler(error: anyhow::Error) -> anyhow::Error {
 
 /// Writes `port` to `path` atomically (a temporary file renamed over it):
 /// whoever reads the file sees the whole number or no file.
+/// This machine's host name (Linux), part of an instance's name; `None`
+/// elsewhere: predecessors are then left to expire.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_owned()).filter(|n| !n.is_empty())
+}
+
 fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
@@ -175,6 +182,18 @@ impl Application {
             .with_instance(instance);
         repo.renew_instance(settings.recovery.instance_ttl()).await.context("register this instance")?;
         tracing::info!(%instance, "instance registered");
+        // Bound before the pipeline starts, so that its first sweep takes a
+        // crashed predecessor's work on this address at once.
+        let listener = TcpListener::bind(settings.server.bind)
+            .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
+        let address = listener.local_addr()?;
+        let port = address.port();
+        if let Some(host) = host_name() {
+            let retired = repo.retire_predecessors(&format!("{host} {address}")).await.context("name this instance")?;
+            if retired > 0 {
+                tracing::info!(retired, "took over the unfinished work of a previous process on this address");
+            }
+        }
 
         let metrics = Arc::new(Metrics::new());
         let provider = Provider::build(&settings.embedder, metrics.embed_provider_retries.clone())
@@ -194,9 +213,6 @@ impl Application {
         let arbiter = Arbiter::new();
         let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone());
 
-        let listener = TcpListener::bind(settings.server.bind)
-            .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
-        let port = listener.local_addr()?.port();
         if let Some(path) = &settings.server.port_file {
             write_port_file(path, port).with_context(|| format!("cannot write server.port_file {}", path.display()))?;
         }

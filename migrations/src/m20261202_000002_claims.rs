@@ -7,6 +7,10 @@
 //! never embed or cluster the same message twice, except after a crash
 //! (the dead instance's work is taken over once its row expires).
 //!
+//! `name` is where an instance listens (host name and bound address): only
+//! one process at a time can listen there, so a new instance that bound it
+//! retires a row of the same name at once, as its crashed predecessor's.
+//!
 //! Existing messages are unclaimed: the first sweep of any instance takes them.
 
 use sea_orm_migration::prelude::*;
@@ -18,8 +22,10 @@ const UP: &str = r#"
 CREATE TABLE instances (
     id          uuid PRIMARY KEY,
     started_at  timestamptz NOT NULL DEFAULT now(),
+    name        text,
     alive_until timestamptz NOT NULL
 );
+CREATE INDEX instances_name ON instances (name);
 ALTER TABLE messages ADD COLUMN claimed_by uuid, ADD COLUMN claimed_at timestamptz;
 "#;
 

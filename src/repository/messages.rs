@@ -350,6 +350,25 @@ impl Repository {
         Ok(())
     }
 
+    /// Names this instance by where it listens, and retires the other rows
+    /// of that name: only one process at a time can listen there, so they
+    /// are crashed predecessors (a restart after `SIGKILL`), whose work the
+    /// next sweep takes at once instead of after their time runs out.
+    /// Returns how many were retired.
+    #[tracing::instrument(skip(self))]
+    pub async fn retire_predecessors(&self, name: &str) -> Result<u64, RepoError> {
+        let Some(id) = self.instance else { return Ok(0) };
+        let done = self
+            .db
+            .execute_raw(stmt(
+                "WITH named AS (UPDATE instances SET name = $2 WHERE id = $1 RETURNING id)
+                 DELETE FROM instances WHERE name = $2 AND id <> $1 AND id NOT IN (SELECT id FROM named)",
+                [id.into(), name.into()],
+            ))
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Removes this instance's row (a graceful stop): what it still holds
     /// becomes unclaimed at once, for any instance's next sweep.
     #[tracing::instrument(skip(self))]
