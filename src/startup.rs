@@ -31,6 +31,7 @@ use crate::{
     api::{self, ApiState},
     embedding::{EmbedCache, Provider},
     metrics::Metrics,
+    query_cache::QueryCache,
     repository::{self, Repository, schema},
     settings::Settings,
 };
@@ -154,6 +155,12 @@ impl Application {
         let arbiter = Arbiter::new();
         let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone());
 
+        let query_cache = Arc::new(
+            QueryCache::new(&settings.cache, &settings.redis, repo.cache_namespace().await?, metrics.clone())
+                .context("query cache")?,
+        );
+        tracing::info!(enabled = query_cache.enabled(), redis = query_cache.has_redis(), "query cache ready");
+
         let listener = TcpListener::bind(settings.server.bind)
             .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
         let port = listener.local_addr()?.port();
@@ -170,7 +177,8 @@ impl Application {
         let state = web::Data::new(ApiState {
             repo: repo.clone(),
             pipeline: pipeline.clone(),
-            operations: crate::operations::Operations::new(repo.clone(), &pipeline, settings.limits.clone()),
+            operations: crate::operations::Operations::new(repo.clone(), &pipeline, settings.limits.clone())
+                .with_query_cache(query_cache),
             auth: api::auth::Authenticator::new(&settings.auth, repo.clone()),
             settings,
             metrics,

@@ -369,19 +369,19 @@ async fn a_database_outage_answers_503_loses_nothing_and_the_daemon_recovers_by_
 /// A Redis server of this test's own (Debian's `redis-server`, which the
 /// stack installs), on a reserved port so it can come back where the daemon
 /// expects it; killed when dropped.
-struct ScratchRedis {
+pub(crate) struct ScratchRedis {
     port: ReservedPort,
     child: Option<Child>,
 }
 
 impl ScratchRedis {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let mut redis = Self { port: ReservedPort::new(), child: None };
         redis.up();
         redis
     }
 
-    fn up(&mut self) {
+    pub(crate) fn up(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.port().to_string(), "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -397,18 +397,18 @@ impl ScratchRedis {
     }
 
     /// Kills it (SIGKILL): an outage, as a crash.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("SIGKILL redis-server");
             child.wait().expect("redis-server exits");
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port.port())
     }
 
-    async fn keys(&self) -> i64 {
+    pub(crate) async fn keys(&self) -> i64 {
         let client = redis::Client::open(self.url()).expect("a redis URL");
         let mut conn = client.get_multiplexed_async_connection().await.expect("redis accepts connections");
         redis::cmd("DBSIZE").query_async(&mut conn).await.expect("DBSIZE")
