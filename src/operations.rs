@@ -23,8 +23,12 @@
 //! are here too, because they go through the [`QueryCache`]: the caller is
 //! authorised first, then the creator's current `last_event_id` is read
 //! (one primary-key read), then the cache is asked for the answer at that
-//! event; a miss reads the answer and the `last_event_id` it reflects from
-//! one snapshot and keeps it under that. Their answer is the JSON body
+//! event. A miss reads the answer, then the `last_event_id` again, and
+//! keeps the answer only if it has not moved: every change to a creator's
+//! clusters bumps it in the change's own transaction, and each statement
+//! sees at least what an earlier one saw, so an unchanged id means the
+//! answer's statements saw exactly the state after that event (when it
+//! moved, the answer is returned uncached). Their answer is the JSON body
 //! itself, byte for byte what was answered when it was cached.
 //!
 //! A transport that must refuse before it reads a body (HTTP) or queues a
@@ -153,9 +157,10 @@ impl Operations {
         if let Some(body) = cache.get(Route::List, &cache.key(Route::List, creator_id, last, &parts)).await {
             return Ok(body);
         }
-        let (at, list) = self.repo.list_clusters_at(creator_id, query).await?;
-        let body = body_text(&list);
-        cache.put(cache.key(Route::List, creator_id, at, &parts), body.clone()).await;
+        let body = body_text(&self.repo.list_clusters(creator_id, query).await?);
+        if self.repo.last_event_id(creator_id).await? == last {
+            cache.put(cache.key(Route::List, creator_id, last, &parts), body.clone()).await;
+        }
         Ok(body)
     }
 
@@ -186,10 +191,11 @@ impl Operations {
         if let Some(body) = cache.get(Route::Detail, &cache.key(Route::Detail, &owner, last, &parts)).await {
             return Ok(body);
         }
-        let (at, detail) =
-            self.repo.cluster_detail_at(id, limit, cursor).await.map_err(ApiError::missing("cluster"))?;
+        let detail = self.repo.cluster_detail(id, limit, cursor).await.map_err(ApiError::missing("cluster"))?;
         let body = body_text(&detail);
-        cache.put(cache.key(Route::Detail, &owner, at, &parts), body.clone()).await;
+        if self.repo.last_event_id(&owner).await? == last {
+            cache.put(cache.key(Route::Detail, &owner, last, &parts), body.clone()).await;
+        }
         Ok(body)
     }
 

@@ -4,8 +4,8 @@
 //! (when `cache.max_entries` > 0), in front of Redis when `redis.url` is
 //! set, which every instance shares.
 //!
-//! Exactness: an entry's key holds the creator's `last_event_id` at the
-//! snapshot the answer was read from (see [`crate::operations`]), and every
+//! Exactness: an entry's key holds the creator's `last_event_id` of the
+//! state the answer shows (see [`crate::operations`]), and every
 //! change to a creator's clusters appends an event, bumping it, in the
 //! transaction that makes the change. A reader first reads the creator's
 //! current `last_event_id` (on the primary), then looks up the key for it:

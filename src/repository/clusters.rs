@@ -10,14 +10,13 @@
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    AccessMode, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, DerivePartialModel, EntityTrait,
-    FromQueryResult, IsolationLevel, QueryFilter, QuerySelect, Select, TransactionTrait, prelude::PgVector,
-    sea_query::Expr,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, DerivePartialModel, EntityTrait, FromQueryResult,
+    QueryFilter, QuerySelect, Select, TransactionTrait, prelude::PgVector, sea_query::Expr,
 };
 use uuid::Uuid;
 
 use super::{
-    Invariant, RepoError, Repository, column_by_id,
+    Invariant, RepoError, Repository,
     events::{self, Draft, StoredEvent},
     lock_creators,
     messages::{MESSAGE_COLUMNS, MessageRow},
@@ -155,35 +154,74 @@ impl Repository {
     /// Returns `Invalid` for a cursor that does not fit the query.
     #[tracing::instrument(skip(self))]
     pub async fn list_clusters(&self, creator_id: &str, query: ListQuery) -> Result<ClusterList, RepoError> {
-        list_on(&self.db, creator_id, query).await
+        let mut sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE creator_id = $1");
+        let mut values: Vec<sea_orm::Value> = vec![creator_id.into()];
+        match query.filter {
+            ClusterFilter::Open => sql.push_str(" AND status = 'open'"),
+            ClusterFilter::Actioned => sql.push_str(" AND status = 'actioned'"),
+            ClusterFilter::All => {}
+        }
+        let cursor = match &query.cursor {
+            Some(c) => Some(Cursor::decode(c).ok_or_else(bad_cursor)?),
+            None => None,
+        };
+        match (query.sort, cursor) {
+            (_, None) => {}
+            (ClusterSort::Recent, Some(Cursor::Recent(at, id))) => {
+                sql.push_str(" AND (updated_at, id) < ($2, $3)");
+                values.extend([at.into(), id.into()]);
+            }
+            (ClusterSort::Size, Some(Cursor::Size(size, id))) => {
+                sql.push_str(" AND (size, id) < ($2, $3)");
+                values.extend([size.into(), id.into()]);
+            }
+            _ => return Err(bad_cursor()),
+        }
+        sql.push_str(match query.sort {
+            ClusterSort::Recent => " ORDER BY updated_at DESC, id DESC",
+            ClusterSort::Size => " ORDER BY size DESC, id DESC",
+        });
+        sql.push_str(&format!(" LIMIT {}", i64::from(query.limit) + 1));
+
+        let mut rows = ClusterRow::find_by_statement(stmt(&sql, values)).all(&self.db).await?;
+        let next_cursor = if rows.len() > query.limit as usize {
+            rows.truncate(query.limit as usize);
+            rows.last().map(|last| match query.sort {
+                ClusterSort::Recent => Cursor::Recent(last.updated_at, last.id).encode(),
+                ClusterSort::Size => Cursor::Size(last.size, last.id).encode(),
+            })
+        } else {
+            None
+        };
+        let mut clusters: Vec<ClusterView> = rows.into_iter().map(ClusterRow::view).collect();
+        self.attach_samples(&mut clusters).await?;
+        Ok(ClusterList { clusters, next_cursor })
     }
 
-    /// [`Self::list_clusters`] and the creator's `last_event_id`, read from
-    /// one snapshot: the page is exactly the state after that event (what
-    /// the query cache keys it by).
-    #[tracing::instrument(skip(self))]
-    pub async fn list_clusters_at(&self, creator_id: &str, query: ListQuery) -> Result<(i64, ClusterList), RepoError> {
-        let tx = self.snapshot().await?;
-        let last = last_event_id_on(&tx, creator_id).await?;
-        let list = list_on(&tx, creator_id, query).await?;
-        tx.commit().await?;
-        Ok((last, list))
-    }
-
-    /// [`Self::cluster_detail`] and its creator's `last_event_id`, read
-    /// from one snapshot.
-    #[tracing::instrument(skip(self))]
-    pub async fn cluster_detail_at(
-        &self,
-        id: Uuid,
-        limit: u32,
-        cursor: Option<&str>,
-    ) -> Result<(i64, ClusterDetail), RepoError> {
-        let tx = self.snapshot().await?;
-        let detail = detail_on(&tx, id, limit, cursor).await?;
-        let last = last_event_id_on(&tx, &detail.cluster.creator_id).await?;
-        tx.commit().await?;
-        Ok((last, detail))
+    /// Fills `sample_messages` of every cluster with one query.
+    async fn attach_samples(&self, clusters: &mut [ClusterView]) -> Result<(), RepoError> {
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT s.* FROM unnest($1::uuid[]) AS c(id)
+             CROSS JOIN LATERAL (SELECT {MESSAGE_COLUMNS} FROM messages
+                                 WHERE cluster_id = c.id ORDER BY id LIMIT {SAMPLES}) AS s"
+        );
+        let rows = MessageRow::find_by_statement(stmt(&sql, [uuid_array(clusters.iter().map(|c| c.id))]))
+            .all(&self.db)
+            .await?;
+        let mut by_cluster: std::collections::HashMap<Uuid, Vec<MessageView>> = Default::default();
+        for row in rows {
+            let view = row.view();
+            if let Some(cluster_id) = view.cluster_id {
+                by_cluster.entry(cluster_id).or_default().push(view);
+            }
+        }
+        for cluster in clusters {
+            cluster.sample_messages = Some(by_cluster.remove(&cluster.id).unwrap_or_default());
+        }
+        Ok(())
     }
 
     /// The creator of cluster `id` and that creator's current
@@ -222,129 +260,36 @@ impl Repository {
         Ok(row.try_get("", "ns")?)
     }
 
-    /// A read-only transaction on one snapshot (`REPEATABLE READ`).
-    async fn snapshot(&self) -> Result<DatabaseTransaction, RepoError> {
-        Ok(self.db.begin_with_config(Some(IsolationLevel::RepeatableRead), Some(AccessMode::ReadOnly)).await?)
-    }
-
     /// A cluster and a page of its messages, oldest first.
     #[tracing::instrument(skip(self))]
     pub async fn cluster_detail(&self, id: Uuid, limit: u32, cursor: Option<&str>) -> Result<ClusterDetail, RepoError> {
-        detail_on(&self.db, id, limit, cursor).await
+        let after = match cursor {
+            None => Uuid::nil(),
+            Some(c) => match Cursor::decode(c) {
+                Some(Cursor::Message(id)) => id,
+                _ => return Err(bad_cursor()),
+            },
+        };
+        let cluster = self.cluster(id).await?;
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE cluster_id = $1 AND id > $2 ORDER BY id LIMIT {}",
+            i64::from(limit) + 1
+        );
+        let mut messages: Vec<MessageView> = MessageRow::find_by_statement(stmt(&sql, [id.into(), after.into()]))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(MessageRow::view)
+            .collect();
+        let next_cursor = if messages.len() > limit as usize {
+            messages.truncate(limit as usize);
+            messages.last().map(|m| Cursor::Message(m.id).encode())
+        } else {
+            None
+        };
+        Ok(ClusterDetail { cluster, messages, next_cursor })
     }
-}
 
-/// The id of the creator's newest event, on `conn`; 0 when it has none.
-async fn last_event_id_on(conn: &impl ConnectionTrait, creator_id: &str) -> Result<i64, RepoError> {
-    let last = column_by_id::<creator::Entity, _>(conn, creator_id, creator::Column::LastEventId).await?;
-    Ok(last.unwrap_or(0))
-}
-
-/// See [`Repository::list_clusters`].
-async fn list_on(conn: &impl ConnectionTrait, creator_id: &str, query: ListQuery) -> Result<ClusterList, RepoError> {
-    let mut sql = format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE creator_id = $1");
-    let mut values: Vec<sea_orm::Value> = vec![creator_id.into()];
-    match query.filter {
-        ClusterFilter::Open => sql.push_str(" AND status = 'open'"),
-        ClusterFilter::Actioned => sql.push_str(" AND status = 'actioned'"),
-        ClusterFilter::All => {}
-    }
-    let cursor = match &query.cursor {
-        Some(c) => Some(Cursor::decode(c).ok_or_else(bad_cursor)?),
-        None => None,
-    };
-    match (query.sort, cursor) {
-        (_, None) => {}
-        (ClusterSort::Recent, Some(Cursor::Recent(at, id))) => {
-            sql.push_str(" AND (updated_at, id) < ($2, $3)");
-            values.extend([at.into(), id.into()]);
-        }
-        (ClusterSort::Size, Some(Cursor::Size(size, id))) => {
-            sql.push_str(" AND (size, id) < ($2, $3)");
-            values.extend([size.into(), id.into()]);
-        }
-        _ => return Err(bad_cursor()),
-    }
-    sql.push_str(match query.sort {
-        ClusterSort::Recent => " ORDER BY updated_at DESC, id DESC",
-        ClusterSort::Size => " ORDER BY size DESC, id DESC",
-    });
-    sql.push_str(&format!(" LIMIT {}", i64::from(query.limit) + 1));
-
-    let mut rows = ClusterRow::find_by_statement(stmt(&sql, values)).all(conn).await?;
-    let next_cursor = if rows.len() > query.limit as usize {
-        rows.truncate(query.limit as usize);
-        rows.last().map(|last| match query.sort {
-            ClusterSort::Recent => Cursor::Recent(last.updated_at, last.id).encode(),
-            ClusterSort::Size => Cursor::Size(last.size, last.id).encode(),
-        })
-    } else {
-        None
-    };
-    let mut clusters: Vec<ClusterView> = rows.into_iter().map(ClusterRow::view).collect();
-    attach_samples(conn, &mut clusters).await?;
-    Ok(ClusterList { clusters, next_cursor })
-}
-
-/// Fills `sample_messages` of every cluster with one query.
-async fn attach_samples(conn: &impl ConnectionTrait, clusters: &mut [ClusterView]) -> Result<(), RepoError> {
-    if clusters.is_empty() {
-        return Ok(());
-    }
-    let sql = format!(
-        "SELECT s.* FROM unnest($1::uuid[]) AS c(id)
-             CROSS JOIN LATERAL (SELECT {MESSAGE_COLUMNS} FROM messages
-                                 WHERE cluster_id = c.id ORDER BY id LIMIT {SAMPLES}) AS s"
-    );
-    let rows = MessageRow::find_by_statement(stmt(&sql, [uuid_array(clusters.iter().map(|c| c.id))])).all(conn).await?;
-    let mut by_cluster: std::collections::HashMap<Uuid, Vec<MessageView>> = Default::default();
-    for row in rows {
-        let view = row.view();
-        if let Some(cluster_id) = view.cluster_id {
-            by_cluster.entry(cluster_id).or_default().push(view);
-        }
-    }
-    for cluster in clusters {
-        cluster.sample_messages = Some(by_cluster.remove(&cluster.id).unwrap_or_default());
-    }
-    Ok(())
-}
-
-/// See [`Repository::cluster_detail`].
-async fn detail_on(
-    conn: &impl ConnectionTrait,
-    id: Uuid,
-    limit: u32,
-    cursor: Option<&str>,
-) -> Result<ClusterDetail, RepoError> {
-    let after = match cursor {
-        None => Uuid::nil(),
-        Some(c) => match Cursor::decode(c) {
-            Some(Cursor::Message(id)) => id,
-            _ => return Err(bad_cursor()),
-        },
-    };
-    let cluster = one_cluster(conn, cluster::Entity::find_by_id(id)).await?;
-    let sql = format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE cluster_id = $1 AND id > $2 ORDER BY id LIMIT {}",
-        i64::from(limit) + 1
-    );
-    let mut messages: Vec<MessageView> = MessageRow::find_by_statement(stmt(&sql, [id.into(), after.into()]))
-        .all(conn)
-        .await?
-        .into_iter()
-        .map(MessageRow::view)
-        .collect();
-    let next_cursor = if messages.len() > limit as usize {
-        messages.truncate(limit as usize);
-        messages.last().map(|m| Cursor::Message(m.id).encode())
-    } else {
-        None
-    };
-    Ok(ClusterDetail { cluster, messages, next_cursor })
-}
-
-impl Repository {
     #[tracing::instrument(skip(self))]
     pub async fn cluster(&self, id: Uuid) -> Result<ClusterView, RepoError> {
         one_cluster(&self.db, cluster::Entity::find_by_id(id)).await
