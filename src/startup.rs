@@ -155,9 +155,16 @@ impl Application {
         let arbiter = Arbiter::new();
         let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone());
 
+        // Without a name for the database, entries could be shared with
+        // another database on the same Redis: no cache then.
+        let mut cache_settings = settings.cache.clone();
+        let namespace = repo.cache_namespace().await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot name the database for the query cache; the query cache is off");
+            cache_settings.enabled = false;
+            String::new()
+        });
         let query_cache = Arc::new(
-            QueryCache::new(&settings.cache, &settings.redis, repo.cache_namespace().await?, metrics.clone())
-                .context("query cache")?,
+            QueryCache::new(&cache_settings, &settings.redis, namespace, metrics.clone()).context("query cache")?,
         );
         tracing::info!(enabled = query_cache.enabled(), redis = query_cache.has_redis(), "query cache ready");
 

@@ -1,6 +1,9 @@
-//! Cluster reads, and the HTTP endpoints of the creator operations (action,
-//! remove, confirm, merge, move), which parse the path and body, call
-//! [`crate::operations`] and serialise its answer.
+//! Cluster reads (a page of a creator's clusters, a cluster's detail),
+//! which parse their parameters and answer the body [`crate::operations`]
+//! gives (from the query cache or the database), and the HTTP endpoints of
+//! the creator operations (action, remove, confirm, merge, move), which
+//! parse the path and body, call [`crate::operations`] and serialise its
+//! answer.
 
 use actix_web::{
     HttpResponse,
