@@ -28,7 +28,8 @@ stop() { kill "$pid"; wait "$pid" || true; }
 start; python3 loadtest/cache_bench.py "$port" seed 0; sleep 2; stop
 for round in $(seq "$ROUNDS"); do
   for mode in off on; do
-    if [ "$mode" = off ]; then start CLUSTERD__CACHE__ENABLED=false; else start CLUSTERD__REDIS__URL="$redis"; fi
+    # Redis in both, so that only the query cache differs (the embedder uses Redis too).
+    if [ "$mode" = off ]; then start CLUSTERD__CACHE__ENABLED=false CLUSTERD__REDIS__URL="$redis"; else start CLUSTERD__REDIS__URL="$redis"; fi
     echo "== round $round, cache $mode"
     python3 loadtest/cache_bench.py "$port" list 3000
     python3 loadtest/cache_bench.py "$port" mix 150
