@@ -10,6 +10,7 @@ pub mod entities;
 pub mod metrics;
 pub mod operations;
 pub mod protocol;
+pub mod query_cache;
 pub mod repository;
 pub mod settings;
 pub mod startup;

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub auth_refused: IntCounterVec,
     pub ws_refused: IntCounter,
     pub ws_stalled: IntCounter,
+    pub query_cache: IntCounterVec,
+    pub query_cache_errors: IntCounter,
 }
 
 /// Latency buckets from 0.25 ms to 10 s.
@@ -196,6 +198,14 @@ impl Metrics {
             )),
             ws_refused: register!(counter("ws_refused_total", "WebSocket upgrades refused at ws.max_connections")),
             ws_stalled: register!(counter("ws_stalled_total", "WebSocket clients dropped for not reading")),
+            query_cache: register!(IntCounterVec::new(
+                Opts::new("query_cache_total", "Query cache lookups by route (list, detail) and result (hit, miss)"),
+                &["route", "result"]
+            )),
+            query_cache_errors: register!(counter(
+                "query_cache_errors_total",
+                "Query cache Redis calls that failed or timed out (degraded to the in-process cache)"
+            )),
             registry,
         }
     }

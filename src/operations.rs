@@ -19,10 +19,24 @@
 //! [`Principal`] the auth layer resolved from the transport's token; its
 //! scope checks already answer in `ApiError`.
 //!
+//! The two hot reads (a page of a creator's clusters, a cluster's detail)
+//! are here too, because they go through the [`QueryCache`]: the caller is
+//! authorised first, then the creator's current `last_event_id` is read
+//! (one primary-key read), then the cache is asked for the answer at that
+//! event. A miss reads the answer, then the `last_event_id` again, and
+//! keeps the answer only if it has not moved: every change to a creator's
+//! clusters bumps it in the change's own transaction, and each statement
+//! sees at least what an earlier one saw, so an unchanged id means the
+//! answer's statements saw exactly the state after that event (when it
+//! moved, the answer is returned uncached). Their answer is the JSON body
+//! itself, byte for byte what was answered when it was cached.
+//!
 //! A transport that must refuse before it reads a body (HTTP) or queues a
 //! frame (WebSocket) checks the caller's scope itself first, so that a
 //! caller who may not act learns nothing about the body; the operation
 //! checks again, so no transport can forget.
+
+use std::sync::Arc;
 
 use actix::Addr;
 use chrono::Utc;
@@ -41,7 +55,8 @@ use crate::{
     protocol::{
         ActionResult, ClusterView, ConfirmResult, IngestResult, MessageInput, MoveResult, Operation, RemoveResult,
     },
-    repository::{InsertOutcome, RepoError, Repository, StoredEvent},
+    query_cache::{QueryCache, Route},
+    repository::{ClusterFilter, ClusterSort, InsertOutcome, ListQuery, RepoError, Repository, StoredEvent},
     settings::Limits,
 };
 
@@ -91,6 +106,9 @@ pub struct Operations {
     embedder: Addr<Embedder>,
     publisher: Publisher,
     limits: Limits,
+    /// The query cache of the reads; `None`: every read goes to the
+    /// database.
+    queries: Option<Arc<QueryCache>>,
 }
 
 impl Operations {
@@ -101,7 +119,84 @@ impl Operations {
             embedder: pipeline.embedder.clone(),
             publisher: pipeline.publisher.clone(),
             limits,
+            queries: None,
         }
+    }
+
+    /// Caches the reads in `cache` (unless it is disabled).
+    pub fn with_query_cache(mut self, cache: Arc<QueryCache>) -> Self {
+        self.queries = Some(cache).filter(|c| c.enabled());
+        self
+    }
+
+    /// A page of `creator_id`'s clusters, as its JSON body.
+    #[tracing::instrument(skip(self, principal))]
+    pub async fn list_clusters(
+        &self,
+        principal: &Principal,
+        creator_id: &str,
+        query: ListQuery,
+    ) -> Result<Arc<str>, ApiError> {
+        validate::creator_id(creator_id)?;
+        principal.may_act_for(creator_id)?;
+        let Some(cache) = &self.queries else {
+            return Ok(body_text(&self.repo.list_clusters(creator_id, query).await?));
+        };
+        let filter = match query.filter {
+            ClusterFilter::Open => "open",
+            ClusterFilter::Actioned => "actioned",
+            ClusterFilter::All => "all",
+        };
+        let sort = match query.sort {
+            ClusterSort::Recent => "recent",
+            ClusterSort::Size => "size",
+        };
+        let (limit, cursor) = (query.limit.to_string(), cursor_part(query.cursor.as_deref()));
+        let parts = [filter, sort, limit.as_str(), cursor.as_str()];
+        let last = self.repo.last_event_id(creator_id).await?;
+        if let Some(body) = cache.get(Route::List, &cache.key(Route::List, creator_id, last, &parts)).await {
+            return Ok(body);
+        }
+        let body = body_text(&self.repo.list_clusters(creator_id, query).await?);
+        if self.repo.last_event_id(creator_id).await? == last {
+            cache.put(cache.key(Route::List, creator_id, last, &parts), body.clone()).await;
+        }
+        Ok(body)
+    }
+
+    /// Cluster `cluster_id` with a page of its messages, as its JSON body.
+    /// An unknown cluster is 404 for everyone, another creator's 403.
+    #[tracing::instrument(skip(self, principal))]
+    pub async fn cluster_detail(
+        &self,
+        principal: &Principal,
+        cluster_id: &str,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<Arc<str>, ApiError> {
+        let id = parse_id(cluster_id, "cluster")?;
+        let Some(cache) = &self.queries else {
+            self.authorize_cluster(principal, id).await?;
+            let limit = page_limit(limit, DEFAULT_MESSAGE_LIMIT, MAX_MESSAGE_LIMIT)?;
+            let detail = self.repo.cluster_detail(id, limit, cursor).await.map_err(ApiError::missing("cluster"))?;
+            return Ok(body_text(&detail));
+        };
+        // A cluster never changes creator: its owner is the creator whose
+        // events key it.
+        let (owner, last) = self.repo.cluster_generation(id).await.map_err(ApiError::missing("cluster"))?;
+        principal.may_act_for(&owner)?;
+        let limit = page_limit(limit, DEFAULT_MESSAGE_LIMIT, MAX_MESSAGE_LIMIT)?;
+        let (id_part, limit_part, cursor_part) = (id.to_string(), limit.to_string(), cursor_part(cursor));
+        let parts = [id_part.as_str(), limit_part.as_str(), cursor_part.as_str()];
+        if let Some(body) = cache.get(Route::Detail, &cache.key(Route::Detail, &owner, last, &parts)).await {
+            return Ok(body);
+        }
+        let detail = self.repo.cluster_detail(id, limit, cursor).await.map_err(ApiError::missing("cluster"))?;
+        let body = body_text(&detail);
+        if self.repo.last_event_id(&owner).await? == last {
+            cache.put(cache.key(Route::Detail, &owner, last, &parts), body.clone()).await;
+        }
+        Ok(body)
     }
 
     /// Runs the creator operation `request` names; its answer is the body
@@ -298,6 +393,32 @@ impl Operations {
         }
         let owner = self.repo.message_owner(id).await.map_err(ApiError::missing("message"))?;
         principal.may_act_for(&owner)
+    }
+}
+
+/// Messages in a page of a cluster's detail: by default, and at most.
+const DEFAULT_MESSAGE_LIMIT: u32 = 50;
+const MAX_MESSAGE_LIMIT: u32 = 500;
+
+/// The size of a page a client asked for (`requested`), within 1..=`max`.
+pub fn page_limit(requested: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
+    match requested {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::InvalidRequest(format!("limit must be between 1 and {max}"))),
+    }
+}
+
+/// A read's answer as the JSON text of its body.
+fn body_text(answer: &impl Serialize) -> Arc<str> {
+    serde_json::to_string(answer).expect("read answers serialise").into()
+}
+
+/// A page cursor as a key part: absent and empty are different requests.
+fn cursor_part(cursor: Option<&str>) -> String {
+    match cursor {
+        None => "-".to_owned(),
+        Some(c) => format!("c{c}"),
     }
 }
 

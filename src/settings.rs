@@ -30,6 +30,7 @@ pub struct Settings {
     pub embedder: EmbedderSettings,
     #[serde(default)]
     pub redis: RedisSettings,
+    pub cache: QueryCacheSettings,
     pub ingest: IngestSettings,
     pub clustering: ClusteringSettings,
     pub index: IndexSettings,
@@ -150,6 +151,20 @@ pub struct RedisSettings {
     /// Unset: no Redis (the embedding cache stays in-process).
     pub url: Option<SecretString>,
     pub pool_size: usize,
+}
+
+/// The exact query cache of cluster lists and details (`crate::query_cache`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct QueryCacheSettings {
+    pub enabled: bool,
+    /// Time to live of an entry, in process and in Redis (`EX`).
+    pub ttl_secs: u64,
+    /// Entries of the in-process LRU (0: none; Redis alone when set).
+    pub max_entries: usize,
+    /// Bytes of bodies the in-process LRU holds at most.
+    pub max_memory_bytes: usize,
+    /// Time allowed for one Redis round trip before it counts as a miss.
+    pub redis_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -454,6 +469,8 @@ mod tests {
         assert_eq!(settings.server.max_connections, 25_000);
         assert_eq!(settings.server.request_timeout_ms, 30_000);
         assert_eq!(settings.ws.max_connections, 20_000);
+        assert!(settings.cache.enabled);
+        assert_eq!(settings.cache.ttl_secs, 300);
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::{
     api::{self, ApiState},
     embedding::{EmbedCache, Provider},
     metrics::Metrics,
+    query_cache::QueryCache,
     repository::{self, Repository, schema},
     settings::Settings,
 };
@@ -213,6 +214,19 @@ impl Application {
         let arbiter = Arbiter::new();
         let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone());
 
+        // Without a name for the database, entries could be shared with
+        // another database on the same Redis: no cache then.
+        let mut cache_settings = settings.cache.clone();
+        let namespace = repo.cache_namespace().await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot name the database for the query cache; the query cache is off");
+            cache_settings.enabled = false;
+            String::new()
+        });
+        let query_cache = Arc::new(
+            QueryCache::new(&cache_settings, &settings.redis, namespace, metrics.clone()).context("query cache")?,
+        );
+        tracing::info!(enabled = query_cache.enabled(), redis = query_cache.has_redis(), "query cache ready");
+
         if let Some(path) = &settings.server.port_file {
             write_port_file(path, port).with_context(|| format!("cannot write server.port_file {}", path.display()))?;
         }
@@ -226,7 +240,8 @@ impl Application {
         let state = web::Data::new(ApiState {
             repo: repo.clone(),
             pipeline: pipeline.clone(),
-            operations: crate::operations::Operations::new(repo.clone(), &pipeline, settings.limits.clone()),
+            operations: crate::operations::Operations::new(repo.clone(), &pipeline, settings.limits.clone())
+                .with_query_cache(query_cache),
             auth: api::auth::Authenticator::new(&settings.auth, repo.clone(), shared_rate),
             settings,
             metrics,

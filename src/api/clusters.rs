@@ -1,22 +1,27 @@
-//! Cluster reads, and the HTTP endpoints of the creator operations (action,
-//! remove, confirm, merge, move), which parse the path and body, call
-//! [`crate::operations`] and serialise its answer.
+//! Cluster reads (a page of a creator's clusters, a cluster's detail),
+//! which parse their parameters and answer the body [`crate::operations`]
+//! gives (from the query cache or the database), and the HTTP endpoints of
+//! the creator operations (action, remove, confirm, merge, move), which
+//! parse the path and body, call [`crate::operations`] and serialise its
+//! answer.
 
-use actix_web::{HttpResponse, http::StatusCode, web};
+use actix_web::{
+    HttpResponse,
+    http::{StatusCode, header::ContentType},
+    web,
+};
 use serde::Deserialize;
 
 use super::{ApiError, ApiState, auth::Principal, json, object};
 use crate::{
     domain::validate,
-    operations::parse_id,
+    operations::page_limit,
     protocol::{ActionInput, MergeInput, MoveInput},
     repository::{ClusterFilter, ClusterSort, ListQuery},
 };
 
 const DEFAULT_LIST_LIMIT: u32 = 20;
 const MAX_LIST_LIMIT: u32 = 100;
-const DEFAULT_MESSAGE_LIMIT: u32 = 50;
-const MAX_MESSAGE_LIMIT: u32 = 500;
 
 #[derive(Debug, Deserialize)]
 pub struct ListParams {
@@ -32,14 +37,6 @@ pub struct PageParams {
     cursor: Option<String>,
 }
 
-fn limit(requested: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
-    match requested {
-        None => Ok(default),
-        Some(n) if (1..=max).contains(&n) => Ok(n),
-        Some(_) => Err(ApiError::InvalidRequest(format!("limit must be between 1 and {max}"))),
-    }
-}
-
 #[tracing::instrument(skip(principal, state))]
 pub async fn list(
     principal: Principal,
@@ -48,6 +45,8 @@ pub async fn list(
     params: web::Query<ListParams>,
 ) -> Result<HttpResponse, ApiError> {
     let creator_id = path.into_inner();
+    // Refused before the parameters are looked at (the operation checks
+    // again).
     validate::creator_id(&creator_id)?;
     principal.may_act_for(&creator_id)?;
     let params = params.into_inner();
@@ -67,10 +66,10 @@ pub async fn list(
     let query = ListQuery {
         filter,
         sort,
-        limit: limit(params.limit, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?,
+        limit: page_limit(params.limit, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?,
         cursor: params.cursor,
     };
-    Ok(json(StatusCode::OK, &state.repo.list_clusters(&creator_id, query).await?))
+    Ok(cached_json(state.operations.list_clusters(&principal, &creator_id, query).await?))
 }
 
 #[tracing::instrument(skip(principal, state))]
@@ -80,12 +79,12 @@ pub async fn detail(
     path: web::Path<String>,
     params: web::Query<PageParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = parse_id(&path, "cluster")?;
-    state.operations.authorize_cluster(&principal, id).await?;
-    let limit = limit(params.limit, DEFAULT_MESSAGE_LIMIT, MAX_MESSAGE_LIMIT)?;
-    let detail =
-        state.repo.cluster_detail(id, limit, params.cursor.as_deref()).await.map_err(ApiError::missing("cluster"))?;
-    Ok(json(StatusCode::OK, &detail))
+    Ok(cached_json(state.operations.cluster_detail(&principal, &path, params.limit, params.cursor.as_deref()).await?))
+}
+
+/// A 200 with a read's JSON body as the operation gave it (maybe cached).
+fn cached_json(body: std::sync::Arc<str>) -> HttpResponse {
+    HttpResponse::Ok().content_type(ContentType::json()).body(body.to_string())
 }
 
 #[tracing::instrument(skip(principal, state, input))]

@@ -224,6 +224,42 @@ impl Repository {
         Ok(())
     }
 
+    /// The creator of cluster `id` and that creator's current
+    /// `last_event_id`, in one primary-key read: what a cached detail is
+    /// authorised and keyed by. `NotFound` for an unknown cluster.
+    #[tracing::instrument(skip(self))]
+    pub async fn cluster_generation(&self, id: Uuid) -> Result<(String, i64), RepoError> {
+        let row = self
+            .db
+            .query_one_raw(stmt(
+                "SELECT c.creator_id, coalesce(k.last_event_id, 0) AS last_event_id
+                 FROM clusters c LEFT JOIN creators k ON k.creator_id = c.creator_id WHERE c.id = $1",
+                [id.into()],
+            ))
+            .await?
+            .ok_or(RepoError::NotFound)?;
+        Ok((row.try_get("", "creator_id")?, row.try_get("", "last_event_id")?))
+    }
+
+    /// What names this database for the query cache, so that deployments
+    /// (and test databases) sharing one Redis never share entries: the
+    /// cluster's system identifier (shared by its streaming replicas), the
+    /// database's oid (a database dropped and created again gets a new
+    /// one) and the timeline (a point-in-time restore starts a new one).
+    pub async fn cache_namespace(&self) -> Result<String, RepoError> {
+        let row = self
+            .db
+            .query_one_raw(stmt(
+                "SELECT s.system_identifier::text || ':' || d.oid::text || ':' || c.timeline_id::text AS ns
+                 FROM pg_control_system() s, pg_control_checkpoint() c, pg_database d
+                 WHERE d.datname = current_database()",
+                [],
+            ))
+            .await?
+            .ok_or(RepoError::NotFound)?;
+        Ok(row.try_get("", "ns")?)
+    }
+
     /// A cluster and a page of its messages, oldest first.
     #[tracing::instrument(skip(self))]
     pub async fn cluster_detail(&self, id: Uuid, limit: u32, cursor: Option<&str>) -> Result<ClusterDetail, RepoError> {

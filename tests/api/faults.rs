@@ -408,7 +408,7 @@ impl ScratchRedis {
         format!("redis://127.0.0.1:{}/", self.port.port())
     }
 
-    async fn keys(&self) -> i64 {
+    pub(crate) async fn keys(&self) -> i64 {
         let client = redis::Client::open(self.url()).expect("a redis URL");
         let mut conn = client.get_multiplexed_async_connection().await.expect("redis accepts connections");
         redis::cmd("DBSIZE").query_async(&mut conn).await.expect("DBSIZE")

@@ -2,6 +2,7 @@
 //! database per test, real HTTP and WebSocket clients.
 
 mod auth;
+mod cache;
 mod clustering;
 mod embedding;
 mod errors;

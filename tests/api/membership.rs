@@ -43,7 +43,7 @@ fn bars(core: f32, review: f32) -> impl FnOnce(&mut Settings) {
 }
 
 /// Settings under which `NEAR` joins `BASE`'s cluster for review.
-fn review_between() -> impl FnOnce(&mut Settings) {
+pub(crate) fn review_between() -> impl FnOnce(&mut Settings) {
     let s = near_similarity();
     bars(s + 0.02, s - 0.2)
 }
@@ -59,7 +59,7 @@ fn id(value: &Value) -> String {
 
 /// A cluster of `BASE` (core) and `NEAR` (review); returns the cluster id,
 /// the core message and the review message.
-async fn cluster_with_review(app: &TestApp, creator: &str) -> (String, Value, Value) {
+pub(crate) async fn cluster_with_review(app: &TestApp, creator: &str) -> (String, Value, Value) {
     let base = post_clustered(app, creator, BASE).await;
     assert_eq!((base["membership"].as_str(), base["similarity"].as_f64()), (Some("core"), Some(1.0)), "{base}");
     let cluster = base["cluster_id"].as_str().expect("a cluster").to_owned();
