@@ -112,12 +112,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Spawns `command` (from [`clusterd_command`]) as `clusterd serve`.
-    pub fn start(mut command: Command) -> Self {
+    /// Spawns `command` (from [`clusterd_command`]) as `clusterd serve`, on
+    /// a port of its own choosing.
+    pub fn start(command: Command) -> Self {
+        Self::start_at(command, "127.0.0.1:0")
+    }
+
+    /// As [`Self::start`], listening on `bind`.
+    pub fn start_at(mut command: Command, bind: &str) -> Self {
         let port_file = std::env::temp_dir().join(format!("clusterd-test-{}.port", uuid::Uuid::now_v7().simple()));
         let child = command
             .arg("serve")
-            .env("CLUSTERD__SERVER__BIND", "127.0.0.1:0")
+            .env("CLUSTERD__SERVER__BIND", bind)
             .env("CLUSTERD__SERVER__PORT_FILE", &port_file)
             .spawn()
             .expect("the daemon starts");

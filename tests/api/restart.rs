@@ -12,6 +12,11 @@ use crate::helpers::{Daemon, PATIENCE, clusterd_command, fresh_database};
 /// `extra_env` (nothing else of the test's environment), on a port of its
 /// own choosing; returns it with its port.
 pub(crate) async fn start_daemon(db_url: &str, extra_env: &[(&str, &str)]) -> (Daemon, u16) {
+    start_daemon_at(db_url, "127.0.0.1:0", extra_env).await
+}
+
+/// As [`start_daemon`], listening on `bind`.
+async fn start_daemon_at(db_url: &str, bind: &str, extra_env: &[(&str, &str)]) -> (Daemon, u16) {
     let mut command = clusterd_command(db_url);
     command.stdout(Stdio::null()).stderr(if std::env::var("TEST_LOG").is_ok() {
         Stdio::inherit()
@@ -19,7 +24,7 @@ pub(crate) async fn start_daemon(db_url: &str, extra_env: &[(&str, &str)]) -> (D
         Stdio::null()
     });
     command.envs(extra_env.iter().copied());
-    let mut daemon = Daemon::start(command);
+    let mut daemon = Daemon::start_at(command, bind);
     let port = daemon.port().await;
     (daemon, port)
 }
@@ -106,4 +111,54 @@ async fn acknowledged_messages_survive_sigkill_and_are_clustered_after_restart()
             .expect("a row");
         assert_eq!(row.try_get::<i64>("", "n").expect("a count"), 1);
     }
+}
+
+/// Counts what `sql` selects as `n`.
+async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
+        .await
+        .expect("query")
+        .expect("a row");
+    row.try_get::<i64>("", "n").expect("a count")
+}
+
+/// A process restarted on the address its crashed predecessor listened on
+/// takes that predecessor's unfinished work at once: only one process can
+/// listen there, so the old instance's row is retired, not waited out. The
+/// instances' time to live is 10 minutes here, far beyond the test's
+/// patience: without the retirement nothing would be clustered in time.
+#[actix_web::test]
+async fn a_restart_on_the_same_address_takes_over_its_crashed_predecessors_work_at_once() {
+    let db_url = fresh_database().await;
+    let client = awc::Client::default();
+    let long_ttl = ("CLUSTERD__RECOVERY__INSTANCE_TTL_MS", "600000");
+    let (mut daemon, port) = start_daemon(
+        &db_url,
+        &[long_ttl, ("CLUSTERD__EMBEDDER__BATCH_SIZE", "100000"), ("CLUSTERD__EMBEDDER__MAX_WAIT_MS", "3600000")],
+    )
+    .await;
+    wait_ready(&client, port).await;
+    for i in 0..10 {
+        let body = json!({"creator_id": "creator-heir", "text": format!("question number {i} about refunds")});
+        let response =
+            client.post(format!("http://127.0.0.1:{port}/v1/messages")).send_json(&body).await.expect("an answer");
+        assert_eq!(response.status(), 202);
+    }
+    daemon.child.kill().expect("SIGKILL");
+    daemon.child.wait().expect("the daemon exits");
+    let db = sea_orm::Database::connect(&db_url).await.expect("connect");
+    assert_eq!(count(&db, "SELECT count(*) AS n FROM messages WHERE status = 'pending'").await, 10);
+    assert_eq!(count(&db, "SELECT count(*) AS n FROM instances WHERE alive_until > now()").await, 1, "still alive");
+
+    let (mut heir, _) = start_daemon_at(&db_url, &format!("127.0.0.1:{port}"), &[long_ttl]).await;
+    wait_ready(&client, port).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while count(&db, "SELECT count(*) AS n FROM messages WHERE status = 'clustered'").await < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "the predecessor's work was not taken over at once");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&db, "SELECT count(*) AS n FROM instances").await, 1, "the predecessor's row is retired");
+    heir.child.kill().expect("SIGKILL");
+    heir.child.wait().expect("the daemon exits");
 }
