@@ -152,7 +152,8 @@ impl Application {
         let resolver =
             Arc::new(Resolver::new(Arc::new(provider), Arc::new(cache), metrics.clone(), &settings.embedder));
         let arbiter = Arbiter::new();
-        let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone());
+        let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone())
+            .context("live events across instances (redis.url)")?;
 
         let listener = TcpListener::bind(settings.server.bind)
             .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
