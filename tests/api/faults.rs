@@ -368,20 +368,20 @@ async fn a_database_outage_answers_503_loses_nothing_and_the_daemon_recovers_by_
 
 /// A Redis server of this test's own (Debian's `redis-server`, which the
 /// stack installs), on a reserved port so it can come back where the daemon
-/// expects it; killed when dropped.
-struct ScratchRedis {
+/// expects it; killed when dropped. Also used by `instances`.
+pub struct ScratchRedis {
     port: ReservedPort,
     child: Option<Child>,
 }
 
 impl ScratchRedis {
-    fn start() -> Self {
+    pub fn start() -> Self {
         let mut redis = Self { port: ReservedPort::new(), child: None };
         redis.up();
         redis
     }
 
-    fn up(&mut self) {
+    pub fn up(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.port().to_string(), "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -397,14 +397,14 @@ impl ScratchRedis {
     }
 
     /// Kills it (SIGKILL): an outage, as a crash.
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("SIGKILL redis-server");
             child.wait().expect("redis-server exits");
         }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port.port())
     }
 
