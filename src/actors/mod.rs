@@ -8,6 +8,10 @@
 //!  recovery ── at start and periodically: unfinished messages ──▶ embedder / clustering
 //! ```
 //!
+//! With `redis.url`, the broadcaster's fan-out also publishes every event
+//! to the other instances and delivers theirs here
+//! ([`broadcaster::fanout`]).
+//!
 //! Every actor runs under an actix `Supervisor` on one dedicated arbiter:
 //! if one stops, it is restarted with fresh state, and whatever it held in
 //! memory is still in the database for the recovery sweep.

@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 
 use crate::{
     faults::ScratchRedis,
-    helpers::{PATIENCE, TestApp, WsClient, flush_all, fresh_database, redis_url, spawn_app_on},
+    helpers::{
+        Daemon, PATIENCE, TestApp, WsClient, clusterd_command, flush_all, fresh_database, redis_url, spawn_app_on,
+    },
 };
 
 /// Three instances on one fresh database and the Redis at `redis`, each
@@ -240,4 +242,31 @@ async fn with_redis_killed_mid_stream_every_event_still_arrives_and_the_live_pat
     assert_nothing_more(&mut subscribers).await;
     let replayed = apps[0].assert_cluster_invariants(creator).await;
     assert_eq!(replayed.events.len(), 70, "one event per message");
+}
+
+/// The daemon's warnings at start, with or without `redis.url`.
+async fn start_log(redis: Option<String>) -> String {
+    let db_url = fresh_database().await;
+    let mut command = clusterd_command(&db_url);
+    if let Some(url) = redis {
+        command.env("CLUSTERD__REDIS__URL", url);
+    }
+    command.env("RUST_LOG", "warn").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let mut daemon = Daemon::start(command);
+    daemon.port().await; // bound: the pipeline, and its warning, came first
+    daemon.child.kill().expect("stop the daemon");
+    daemon.child.wait().expect("the daemon exits");
+    let mut log = String::new();
+    let mut stderr = daemon.child.stderr.take().expect("a piped stderr");
+    std::io::Read::read_to_string(&mut stderr, &mut log).expect("the daemon's log");
+    log
+}
+
+#[actix_web::test]
+async fn without_redis_the_daemon_says_at_start_that_live_events_stay_on_this_instance() {
+    let warning = "no redis.url: live events reach only this instance's subscribers";
+    let alone = start_log(None).await;
+    assert!(alone.contains("WARN") && alone.contains(warning), "{alone}");
+    let shared = start_log(Some(redis_url())).await;
+    assert!(!shared.contains(warning), "{shared}");
 }

@@ -1,6 +1,7 @@
 //! The one registry of live subscriptions, shared by the WebSocket sessions
-//! (which subscribe, record what they delivered, and leave) and the
-//! broadcaster (which delivers).
+//! (which subscribe, record what they delivered, and leave) and those who
+//! deliver: the broadcaster (this instance's events) and the fan-out (other
+//! instances' events, and the log while Redis is away).
 //!
 //! A session has one bounded channel for all its creators, registered with
 //! its first subscription and dropped with its last. Delivery never waits: a
