@@ -50,6 +50,14 @@ pub struct Metrics {
     pub ws_stalled: IntCounter,
     pub query_cache: IntCounterVec,
     pub query_cache_errors: IntCounter,
+    pub event_delivery_seconds: HistogramVec,
+    pub fanout_published: IntCounter,
+    pub fanout_publish_errors: IntCounter,
+    pub fanout_coalesced: IntCounter,
+    pub fanout_received: IntCounter,
+    pub fanout_invalid: IntCounter,
+    pub fanout_subscribed: IntGauge,
+    pub fanout_polls: IntCounter,
 }
 
 /// Latency buckets from 0.25 ms to 10 s.
@@ -205,6 +213,44 @@ impl Metrics {
             query_cache_errors: register!(counter(
                 "query_cache_errors_total",
                 "Query cache Redis calls that failed or timed out (degraded to the in-process cache)"
+            )),
+            event_delivery_seconds: register!(HistogramVec::new(
+                HistogramOpts::new(
+                    "event_delivery_seconds",
+                    "From an event's commit (its `at`) to its hand-over to this instance's sessions, by path \
+                     (local: committed here; redis: from another instance; log: the fallback poll)"
+                )
+                .buckets(LATENCY.to_vec()),
+                &["path"]
+            )),
+            fanout_published: register!(counter(
+                "fanout_published_total",
+                "Events this instance published on Redis for the other instances"
+            )),
+            fanout_publish_errors: register!(counter(
+                "fanout_publish_errors_total",
+                "Failed Redis publishes (kept and published again once Redis answers)"
+            )),
+            fanout_coalesced: register!(counter(
+                "fanout_coalesced_total",
+                "Unpublished events dropped from a full outbox behind a later event of the same creator \
+                 (receivers fill them from the log)"
+            )),
+            fanout_received: register!(counter(
+                "fanout_received_total",
+                "Events received over Redis from other instances"
+            )),
+            fanout_invalid: register!(counter(
+                "fanout_invalid_total",
+                "Redis messages on the event channels that could not be read (ignored)"
+            )),
+            fanout_subscribed: register!(IntGauge::new(
+                "fanout_subscribed",
+                "1 while this instance's Redis event subscription is live, else 0 (it polls the log)"
+            )),
+            fanout_polls: register!(counter(
+                "fanout_polls_total",
+                "Fallback reads of the event log for the subscribed creators, while Redis is away"
             )),
             registry,
         }

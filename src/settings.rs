@@ -31,6 +31,7 @@ pub struct Settings {
     #[serde(default)]
     pub redis: RedisSettings,
     pub cache: QueryCacheSettings,
+    pub fanout: FanoutSettings,
     pub ingest: IngestSettings,
     pub clustering: ClusteringSettings,
     pub index: IndexSettings,
@@ -165,6 +166,39 @@ pub struct QueryCacheSettings {
     pub max_memory_bytes: usize,
     /// Time allowed for one Redis round trip before it counts as a miss.
     pub redis_timeout_ms: u64,
+}
+
+/// Live events across instances, over Redis pub/sub (with `redis.url`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct FanoutSettings {
+    /// Names this deployment's event channels; empty: the database name in
+    /// `database.url`. Instances of one deployment must agree.
+    pub namespace: String,
+    /// While the subscription is down, how often the subscribed creators'
+    /// logs are read.
+    pub fallback_poll_ms: u64,
+    /// Back-off between reconnection attempts, doubling from min to max.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// How often the subscription connection is pinged, and how long a
+    /// connect, ping or publish may take before the connection counts as lost.
+    pub ping_interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Events waiting to be published beyond which the outbox keeps only
+    /// each creator's newest.
+    pub outbox_capacity: usize,
+}
+
+impl FanoutSettings {
+    pub fn fallback_poll(&self) -> Duration {
+        Duration::from_millis(self.fallback_poll_ms)
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -387,6 +421,19 @@ impl Settings {
         }
         if self.ws.heartbeat_interval_ms == 0 || self.ws.client_timeout_ms < self.ws.heartbeat_interval_ms {
             return invalid("ws.heartbeat_interval_ms must be at least 1 and ws.client_timeout_ms at least as long");
+        }
+        let fanout = &self.fanout;
+        if fanout.fallback_poll_ms == 0
+            || fanout.ping_interval_ms == 0
+            || fanout.timeout_ms == 0
+            || fanout.outbox_capacity == 0
+            || fanout.reconnect_min_ms == 0
+            || fanout.reconnect_max_ms < fanout.reconnect_min_ms
+        {
+            return invalid(
+                "fanout.fallback_poll_ms, ping_interval_ms, timeout_ms, outbox_capacity and reconnect_min_ms must be \
+                 at least 1, reconnect_max_ms at least reconnect_min_ms",
+            );
         }
         let server = &self.server;
         if server.max_connections == 0 || server.client_request_timeout_ms == 0 || server.request_timeout_ms == 0 {

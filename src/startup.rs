@@ -212,7 +212,8 @@ impl Application {
             api::shared_rate::SharedRate::new(&settings.auth, &settings.redis).context("shared rate limit")?;
         tracing::info!(shared = shared_rate.is_some(), "rate limits ready");
         let arbiter = Arbiter::new();
-        let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone());
+        let pipeline = Pipeline::start(&arbiter, &settings, repo.clone(), resolver, metrics.clone())
+            .context("live events across instances (redis.url)")?;
 
         // Without a name for the database, entries could be shared with
         // another database on the same Redis: no cache then.

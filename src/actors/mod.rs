@@ -8,6 +8,10 @@
 //!  recovery ── at start and periodically: unfinished messages ──▶ embedder / clustering
 //! ```
 //!
+//! With `redis.url`, the broadcaster's fan-out also publishes every event
+//! to the other instances and delivers theirs here
+//! ([`broadcaster::fanout`]).
+//!
 //! Every actor runs under an actix `Supervisor` on one dedicated arbiter:
 //! if one stops, it is restarted with fresh state, and whatever it held in
 //! memory is still in the database for the recovery sweep.
@@ -26,6 +30,8 @@ pub mod recovery;
 use std::sync::Arc;
 
 use actix::{Addr, Arbiter, MailboxError, Supervisor};
+use deadpool_redis::redis::RedisError;
+use secrecy::ExposeSecret;
 
 use crate::{metrics::Metrics, repository::Repository, settings::Settings};
 
@@ -51,17 +57,34 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts every actor, supervised, on `arbiter`.
+    /// Starts every actor, supervised, on `arbiter`, and with `redis.url`
+    /// the fan-out of events across instances. Err: `redis.url` is no
+    /// Redis URL.
     pub fn start(
         arbiter: &Arbiter,
         settings: &Settings,
         repo: Repository,
         resolver: Arc<Resolver>,
         metrics: Arc<Metrics>,
-    ) -> Self {
+    ) -> Result<Self, RedisError> {
         let handle = arbiter.handle();
         let subscriptions = Subscriptions::new(metrics.clone());
-        let publisher = Publisher::start(&handle, subscriptions.clone());
+        let outbox = match &settings.redis.url {
+            Some(url) => Some(broadcaster::fanout::start(
+                &handle,
+                url.expose_secret(),
+                &settings.fanout,
+                &settings.database,
+                repo.clone(),
+                subscriptions.clone(),
+                metrics.clone(),
+            )?),
+            None => {
+                tracing::warn!("no redis.url: live events reach only this instance's subscribers");
+                None
+            }
+        };
+        let publisher = Publisher::start(&handle, subscriptions.clone(), outbox, metrics.clone());
         let shards = (0..settings.clustering.shards)
             .map(|_| {
                 let (repo, publisher, metrics) = (repo.clone(), publisher.clone(), metrics.clone());
@@ -85,7 +108,7 @@ impl Pipeline {
             let embedder = embedder.clone();
             Supervisor::start_in_arbiter(&handle, move |_| Recovery::new(repo, embedder, clustering, cfg, metrics))
         };
-        Self { ingest, embedder, publisher, subscriptions, recovery }
+        Ok(Self { ingest, embedder, publisher, subscriptions, recovery })
     }
 
     /// Resolves once every message accepted before it is stored, embedded,

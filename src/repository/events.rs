@@ -27,6 +27,9 @@ pub struct StoredEvent {
     pub creator_id: Arc<str>,
     pub event_id: i64,
     pub frame: Arc<str>,
+    /// When it was committed: the frame's `at` (delivery latency is
+    /// measured from it).
+    pub at: DateTime<Utc>,
 }
 
 /// An event about to be appended; it gets its id in [`append`]. The
@@ -109,7 +112,7 @@ pub(super) async fn append(
             };
             // Plain data with string keys (non-finite floats become null).
             let json = serde_json::to_value(&frame).expect("an event frame always serialises");
-            events.push(StoredEvent { creator_id: creator.clone(), event_id, frame: json.to_string().into() });
+            events.push(StoredEvent { creator_id: creator.clone(), event_id, frame: json.to_string().into(), at });
             creators.push(creator_id.clone());
             ids.push(event_id);
             kinds.push(<&str>::from(kind));
@@ -128,8 +131,21 @@ pub(super) async fn append(
 
 #[derive(Debug, FromQueryResult)]
 struct EventRow {
+    creator_id: String,
     event_id: i64,
     payload: String,
+    created_at: DateTime<Utc>,
+}
+
+impl EventRow {
+    fn into_event(self, creator: Option<&Arc<str>>) -> StoredEvent {
+        StoredEvent {
+            creator_id: creator.cloned().unwrap_or_else(|| self.creator_id.as_str().into()),
+            event_id: self.event_id,
+            frame: self.payload.into(),
+            at: self.created_at,
+        }
+    }
 }
 
 impl Repository {
@@ -150,7 +166,7 @@ impl Repository {
         limit: u64,
     ) -> Result<Vec<StoredEvent>, RepoError> {
         let rows = EventRow::find_by_statement(stmt(
-            "SELECT event_id, payload::text AS payload FROM events
+            "SELECT creator_id, event_id, payload::text AS payload, created_at FROM events
              WHERE creator_id = $1 AND event_id > $2 AND event_id <= $3
              ORDER BY event_id LIMIT $4",
             [creator_id.into(), after.into(), upto.into(), (limit as i64).into()],
@@ -158,9 +174,30 @@ impl Repository {
         .all(&self.db)
         .await?;
         let creator: Arc<str> = creator_id.into();
-        Ok(rows
-            .into_iter()
-            .map(|r| StoredEvent { creator_id: creator.clone(), event_id: r.event_id, frame: r.payload.into() })
-            .collect())
+        Ok(rows.into_iter().map(|r| r.into_event(Some(&creator))).collect())
+    }
+
+    /// For each `(creator, after)`, the creator's newest event if its id is
+    /// above `after`: what the broadcaster's fallback poll delivers (a
+    /// session fills any gap before it from the log itself). One statement
+    /// for every creator.
+    #[tracing::instrument(skip_all, fields(creators = positions.len()))]
+    pub async fn newest_events_after(&self, positions: &[(Arc<str>, i64)]) -> Result<Vec<StoredEvent>, RepoError> {
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = EventRow::find_by_statement(stmt(
+            "SELECT e.creator_id, e.event_id, e.payload::text AS payload, e.created_at
+             FROM unnest($1::text[], $2::bigint[]) AS p(creator_id, after)
+             JOIN creators c ON c.creator_id = p.creator_id AND c.last_event_id > p.after
+             JOIN events e ON e.creator_id = c.creator_id AND e.event_id = c.last_event_id",
+            [
+                text_array(positions.iter().map(|(c, _)| c.to_string())),
+                bigint_array(positions.iter().map(|(_, after)| *after)),
+            ],
+        ))
+        .all(&self.db)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.into_event(None)).collect())
     }
 }

@@ -1,6 +1,7 @@
 //! The one registry of live subscriptions, shared by the WebSocket sessions
-//! (which subscribe, record what they delivered, and leave) and the
-//! broadcaster (which delivers).
+//! (which subscribe, record what they delivered, and leave) and those who
+//! deliver: the broadcaster (this instance's events) and the fan-out (other
+//! instances' events, and the log while Redis is away).
 //!
 //! A session has one bounded channel for all its creators, registered with
 //! its first subscription and dropped with its last. Delivery never waits: a
@@ -26,6 +27,27 @@ use crate::{metrics::Metrics, repository::StoredEvent};
 
 /// Identifies one WebSocket session.
 pub type SessionId = u64;
+
+/// How an event reached this instance's registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryPath {
+    /// Committed by this instance.
+    Local,
+    /// From another instance, over Redis pub/sub.
+    Redis,
+    /// Read from the log by the fallback poll (Redis away).
+    Log,
+}
+
+impl DeliveryPath {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Redis => "redis",
+            Self::Log => "log",
+        }
+    }
+}
 
 /// Who is subscribed to what; cheap to clone, every clone is the same
 /// registry.
@@ -127,22 +149,47 @@ impl Subscriptions {
         }
     }
 
+    /// Whether anyone is subscribed to `creator_id` here.
+    pub fn has_subscribers(&self, creator_id: &str) -> bool {
+        self.0.subscribers.contains_key(creator_id)
+    }
+
+    /// For each creator with subscribers here, the lowest last event id its
+    /// sessions delivered (sessions still reading where the log stands are
+    /// left out: they read it themselves). An event of the log above it is
+    /// one some session here has not had.
+    pub fn positions(&self) -> Vec<(Arc<str>, i64)> {
+        let creators: Vec<(Arc<str>, HashSet<SessionId>)> =
+            self.0.subscribers.iter().map(|entry| (entry.key().clone(), entry.value().clone())).collect();
+        // No creator's entry is held from here on (see the module's docs).
+        creators
+            .into_iter()
+            .filter_map(|(creator, sessions)| {
+                let lowest = sessions.into_iter().filter_map(|session| self.delivered(session, &creator)).min()?;
+                Some((creator, lowest))
+            })
+            .collect()
+    }
+
     /// Hands each event to its creator's subscribers, in order, without
     /// waiting; a session whose channel is full (or closed) is dropped and
-    /// gets none of the later events, which it would have to skip.
-    pub fn deliver(&self, events: Vec<StoredEvent>) {
+    /// gets none of the later events, which it would have to skip. `path`
+    /// says how the event got here, for the delivery latency histogram
+    /// (from the event's commit to its hand-over to the sessions).
+    pub fn deliver(&self, events: Vec<StoredEvent>, path: DeliveryPath) {
         let registry = &self.0;
         let mut too_slow = HashSet::new();
+        let latency = registry.metrics.event_delivery_seconds.with_label_values(&[path.label()]);
         for event in events {
-            registry.metrics.events_published.inc();
             let Some(sessions) = registry.subscribers.get(&event.creator_id).map(|s| s.clone()) else { continue };
+            let mut handed = false;
             for session in sessions {
                 if too_slow.contains(&session) {
                     continue;
                 }
                 let Some(entry) = registry.sessions.get(&session) else { continue };
                 match entry.sink.try_send(event.clone()) {
-                    Ok(()) => {}
+                    Ok(()) => handed = true,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         registry.metrics.ws_slow_closed.inc();
                         too_slow.insert(session);
@@ -151,6 +198,11 @@ impl Subscriptions {
                         too_slow.insert(session);
                     }
                 }
+            }
+            if handed {
+                // A clock behind the committing instance's reads as 0.
+                let elapsed = (chrono::Utc::now() - event.at).to_std().unwrap_or_default();
+                latency.observe(elapsed.as_secs_f64());
             }
         }
         for session in too_slow {
