@@ -413,8 +413,11 @@ impl WsClient {
 
     /// The next server frame that is not a ping or pong.
     pub async fn next_frame(&mut self) -> ws::Frame {
+        // One deadline for the frame, however many pings arrive meanwhile
+        // (the server pings every heartbeat, well within PATIENCE).
+        let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let frame = tokio::time::timeout(PATIENCE, self.framed.next())
+            let frame = tokio::time::timeout_at(deadline, self.framed.next())
                 .await
                 .expect("a frame arrives in time")
                 .expect("the connection is open")
