@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod operations;
 pub mod protocol;
 pub mod query_cache;
+pub mod redis_link;
 pub mod repository;
 pub mod settings;
 pub mod startup;

@@ -23,7 +23,7 @@
 //!
 //! Values are the exact JSON body that was answered. Redis failures and
 //! slow answers are misses, never errors: after a failure Redis is left
-//! alone for [`REDIS_BACKOFF`], then tried again, so an outage costs the
+//! alone for [`REDIS_BACKOFF`](crate::redis_link::REDIS_BACKOFF), then tried again, so an outage costs the
 //! shared tier only and the cache comes back with Redis by itself.
 
 use std::{
@@ -32,18 +32,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deadpool_redis::{Pool, Runtime, redis};
+use deadpool_redis::redis;
 use lru::LruCache;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use crate::{
     metrics::Metrics,
+    redis_link::{LinkError, RedisLink},
     settings::{QueryCacheSettings, RedisSettings},
 };
-
-/// How long Redis is left alone after it failed.
-pub const REDIS_BACKOFF: Duration = Duration::from_secs(1);
 
 const REDIS_PREFIX: &str = "clusterd:q:";
 
@@ -80,20 +78,6 @@ pub enum QueryCacheError {
     Config(#[from] deadpool_redis::CreatePoolError),
 }
 
-/// Why a Redis round trip was skipped or failed (the lookup is then a
-/// miss; counted, logged at debug, never returned to a client).
-#[derive(Debug, thiserror::Error)]
-enum RedisMiss {
-    #[error("redis is resting after a failure")]
-    Resting,
-    #[error("{0}")]
-    Pool(#[from] deadpool_redis::PoolError),
-    #[error("{0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("no answer within {0:?}")]
-    TimedOut(Duration),
-}
-
 struct Entry {
     body: Arc<str>,
     expires: Instant,
@@ -106,20 +90,13 @@ struct Memory {
     max_bytes: usize,
 }
 
-struct Shared {
-    pool: Pool,
-    timeout: Duration,
-    /// Redis is not asked again before this instant (it failed).
-    resting_until: Mutex<Option<Instant>>,
-}
-
 /// One per application; shared by the handlers.
 pub struct QueryCache {
     enabled: bool,
     namespace: String,
     ttl: Duration,
     memory: Option<Mutex<Memory>>,
-    redis: Option<Shared>,
+    redis: Option<RedisLink>,
     metrics: Arc<Metrics>,
 }
 
@@ -137,15 +114,11 @@ impl QueryCache {
             .filter(|_| settings.enabled)
             .map(|n| Mutex::new(Memory { entries: LruCache::new(n), bytes: 0, max_bytes: settings.max_memory_bytes }));
         let redis = match &redis.url {
-            Some(url) if settings.enabled && !url.expose_secret().is_empty() => {
-                let mut config = deadpool_redis::Config::from_url(url.expose_secret());
-                config.pool = Some(deadpool_redis::PoolConfig::new(redis.pool_size.max(1)));
-                Some(Shared {
-                    pool: config.create_pool(Some(Runtime::Tokio1))?,
-                    timeout: Duration::from_millis(settings.redis_timeout_ms.max(1)),
-                    resting_until: Mutex::new(None),
-                })
-            }
+            Some(url) if settings.enabled && !url.expose_secret().is_empty() => Some(RedisLink::new(
+                url.expose_secret(),
+                redis.pool_size,
+                Duration::from_millis(settings.redis_timeout_ms),
+            )?),
             _ => None,
         };
         Ok(Self {
@@ -262,7 +235,7 @@ impl QueryCache {
     async fn get_redis(&self, key: &Key) -> Option<Arc<str>> {
         let redis = self.redis.as_ref()?;
         let name = key.redis();
-        let value: Result<Option<Vec<u8>>, RedisMiss> =
+        let value: Result<Option<Vec<u8>>, LinkError> =
             redis.run(|mut conn| async move { redis::cmd("GET").arg(name).query_async(&mut conn).await }).await;
         match value {
             Ok(value) => value.and_then(|bytes| String::from_utf8(bytes).ok()).map(Arc::from),
@@ -273,42 +246,11 @@ impl QueryCache {
         }
     }
 
-    fn redis_failed(&self, error: &RedisMiss) {
-        if !matches!(error, RedisMiss::Resting) {
+    fn redis_failed(&self, error: &LinkError) {
+        if !matches!(error, LinkError::Resting) {
             tracing::debug!(%error, "query cache: Redis failed; in-process only for now");
             self.metrics.query_cache_errors.inc();
         }
-    }
-}
-
-impl Shared {
-    fn resting(&self) -> bool {
-        let until = self.resting_until.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        until.is_some_and(|until| Instant::now() < until)
-    }
-
-    fn rest(&self) {
-        *self.resting_until.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
-            Some(Instant::now() + REDIS_BACKOFF);
-    }
-
-    /// Runs one round trip on a pooled connection within the timeout; a
-    /// failure sends Redis to rest.
-    async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisMiss>
-    where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
-        if self.resting() {
-            return Err(RedisMiss::Resting);
-        }
-        let result = tokio::time::timeout(self.timeout, async { Ok(call(self.pool.get().await?).await?) })
-            .await
-            .unwrap_or(Err(RedisMiss::TimedOut(self.timeout)));
-        if result.is_err() {
-            self.rest();
-        }
-        result
     }
 }
 

@@ -9,19 +9,19 @@
 //! the answer is `0` (allowed, the state advanced) or the microseconds to
 //! wait (refused, nothing spent). The key expires once the budget is full
 //! again. A Redis that fails or answers slower than `auth.rate_redis_timeout_ms`
-//! is skipped for [`REDIS_BACKOFF`](crate::embedding::cache::REDIS_BACKOFF) and the
+//! is skipped for [`REDIS_BACKOFF`](crate::redis_link::REDIS_BACKOFF) and the
 //! caller falls back to its in-process limiter; the next charge after the
 //! rest tries Redis again.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use deadpool_redis::{Pool, Runtime, redis};
+use deadpool_redis::redis;
 use secrecy::ExposeSecret;
 
-use crate::settings::{AuthSettings, RedisSettings};
+use crate::{
+    redis_link::{LinkError, RedisLink},
+    settings::{AuthSettings, RedisSettings},
+};
 
 /// KEYS[1]: the token's key; ARGV: emission interval (µs per request),
 /// tolerance (µs: interval × burst), cost (requests). Stores the
@@ -43,26 +43,11 @@ return 0
 
 const PREFIX: &str = "clusterd:rate:";
 
-/// Why the shared limit could not decide; the caller then decides alone.
-#[derive(Debug, thiserror::Error)]
-pub enum SharedRateError {
-    #[error("Redis is resting after a failure")]
-    Resting,
-    #[error("no answer within {0:?}")]
-    TimedOut(Duration),
-    #[error(transparent)]
-    Pool(#[from] deadpool_redis::PoolError),
-    #[error(transparent)]
-    Redis(#[from] redis::RedisError),
-}
-
 /// The Redis side of the per-token limits.
 pub struct SharedRate {
-    pool: Pool,
+    link: RedisLink,
     interval_us: f64,
     tolerance_us: f64,
-    timeout: Duration,
-    resting_until: Mutex<Option<Instant>>,
 }
 
 impl SharedRate {
@@ -73,42 +58,25 @@ impl SharedRate {
             Some(url) if !url.expose_secret().is_empty() && auth.rate_per_sec > 0.0 => url,
             _ => return Ok(None),
         };
-        let mut config = deadpool_redis::Config::from_url(url.expose_secret());
-        config.pool = Some(deadpool_redis::PoolConfig::new(redis.pool_size.max(1)));
         let interval_us = 1e6 / auth.rate_per_sec;
         Ok(Some(Self {
-            pool: config.create_pool(Some(Runtime::Tokio1))?,
+            link: RedisLink::new(
+                url.expose_secret(),
+                redis.pool_size,
+                Duration::from_millis(auth.rate_redis_timeout_ms),
+            )?,
             interval_us,
             tolerance_us: interval_us * f64::from(auth.burst().get()),
-            timeout: Duration::from_millis(auth.rate_redis_timeout_ms.max(1)),
-            resting_until: Mutex::new(None),
         }))
     }
 
     /// Spends `cost` of `key`'s shared budget: `Ok(None)` if allowed,
     /// `Ok(Some(wait))` if refused (nothing spent), `Err` if Redis could not
     /// decide in time.
-    pub async fn charge(&self, key: &str, cost: u32) -> Result<Option<Duration>, SharedRateError> {
-        if self.resting_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|until| Instant::now() < until) {
-            return Err(SharedRateError::Resting);
-        }
+    pub async fn charge(&self, key: &str, cost: u32) -> Result<Option<Duration>, LinkError> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(GCRA).arg(1).arg(format!("{PREFIX}{key}")).arg(self.interval_us).arg(self.tolerance_us).arg(cost);
-        let call = async {
-            let mut conn = self.pool.get().await?;
-            let wait_us: u64 = cmd.query_async(&mut conn).await?;
-            Ok::<_, SharedRateError>(wait_us)
-        };
-        let result =
-            tokio::time::timeout(self.timeout, call).await.unwrap_or(Err(SharedRateError::TimedOut(self.timeout)));
-        match result {
-            Ok(0) => Ok(None),
-            Ok(wait_us) => Ok(Some(Duration::from_micros(wait_us))),
-            Err(error) => {
-                *self.resting_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(Instant::now() + crate::embedding::cache::REDIS_BACKOFF);
-                Err(error)
-            }
-        }
+        let wait_us: u64 = self.link.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await?;
+        Ok((wait_us > 0).then(|| Duration::from_micros(wait_us)))
     }
 }

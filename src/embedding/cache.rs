@@ -7,30 +7,29 @@
 //! never reads another's vectors and "How much?" and "how  much?" share an
 //! entry. Redis stores a vector as its little-endian `f32` bytes; a value of
 //! the wrong length is a miss. Redis failures and slow answers are misses,
-//! never errors: after a failure Redis is skipped for [`REDIS_BACKOFF`] so
-//! that an outage does not cost every batch a timeout.
+//! never errors: after a failure Redis is skipped for a while
+//! ([`crate::redis_link`]) so that an outage does not cost every batch a
+//! timeout.
 
 use std::{
     num::NonZeroUsize,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use deadpool_redis::{Pool, Runtime, redis};
+use deadpool_redis::redis;
 use lru::LruCache;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use crate::{
     domain::text::normalise,
+    redis_link::{LinkError, RedisLink},
     settings::{EmbedCacheSettings, RedisSettings},
 };
 
 /// A cache key: SHA-256 of the model's name and the normalised text.
 pub type Key = [u8; 32];
-
-/// How long Redis is left alone after it failed.
-pub const REDIS_BACKOFF: Duration = Duration::from_secs(1);
 
 const REDIS_PREFIX: &str = "clusterd:emb:";
 
@@ -48,11 +47,8 @@ pub struct EmbedCache {
 }
 
 struct RedisCache {
-    pool: Pool,
+    link: RedisLink,
     ttl_secs: u64,
-    timeout: Duration,
-    /// Redis is not asked again before this instant (it failed).
-    resting_until: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,14 +63,8 @@ pub enum CacheError {
 pub enum RedisMiss {
     #[error("no redis")]
     NotConfigured,
-    #[error("redis is resting after a failure")]
-    Resting,
-    #[error("{0}")]
-    Pool(#[from] deadpool_redis::PoolError),
-    #[error("{0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("no answer within {0:?}")]
-    TimedOut(Duration),
+    #[error(transparent)]
+    Link(#[from] LinkError),
     #[error("MGET answered {got} values for {keys} keys")]
     Count { got: usize, keys: usize },
 }
@@ -85,17 +75,14 @@ impl EmbedCache {
     pub fn new(settings: &EmbedCacheSettings, redis: &RedisSettings) -> Result<Self, CacheError> {
         let memory = NonZeroUsize::new(settings.memory_entries).map(|n| Mutex::new(LruCache::new(n)));
         let redis = match &redis.url {
-            Some(url) if !url.expose_secret().is_empty() => {
-                let mut config = deadpool_redis::Config::from_url(url.expose_secret());
-                config.pool = Some(deadpool_redis::PoolConfig::new(redis.pool_size.max(1)));
-                let pool = config.create_pool(Some(Runtime::Tokio1))?;
-                Some(RedisCache {
-                    pool,
-                    ttl_secs: settings.redis_ttl_secs.max(1),
-                    timeout: Duration::from_millis(settings.redis_timeout_ms.max(1)),
-                    resting_until: Mutex::new(None),
-                })
-            }
+            Some(url) if !url.expose_secret().is_empty() => Some(RedisCache {
+                link: RedisLink::new(
+                    url.expose_secret(),
+                    redis.pool_size,
+                    Duration::from_millis(settings.redis_timeout_ms),
+                )?,
+                ttl_secs: settings.redis_ttl_secs.max(1),
+            }),
             _ => None,
         };
         Ok(Self { memory, redis })
@@ -132,7 +119,7 @@ impl EmbedCache {
             cmd.arg(redis_key(key));
         }
         let values: Vec<Option<Vec<u8>>> =
-            redis.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await?;
+            redis.link.run(|mut conn| async move { cmd.query_async(&mut conn).await }).await?;
         if values.len() != keys.len() {
             return Err(RedisMiss::Count { got: values.len(), keys: keys.len() });
         }
@@ -149,38 +136,7 @@ impl EmbedCache {
         for (key, vector) in entries {
             pipe.cmd("SET").arg(redis_key(key)).arg(encode(vector)).arg("EX").arg(redis.ttl_secs).ignore();
         }
-        redis.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await
-    }
-}
-
-impl RedisCache {
-    fn resting(&self) -> bool {
-        let until = self.resting_until.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        until.is_some_and(|until| Instant::now() < until)
-    }
-
-    fn rest(&self) {
-        *self.resting_until.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
-            Some(Instant::now() + REDIS_BACKOFF);
-    }
-
-    /// Runs one round trip on a pooled connection within the timeout; a
-    /// failure sends Redis to rest.
-    async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisMiss>
-    where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
-        if self.resting() {
-            return Err(RedisMiss::Resting);
-        }
-        let result = tokio::time::timeout(self.timeout, async { Ok(call(self.pool.get().await?).await?) })
-            .await
-            .unwrap_or(Err(RedisMiss::TimedOut(self.timeout)));
-        if result.is_err() {
-            self.rest();
-        }
-        result
+        Ok(redis.link.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await?)
     }
 }
 

@@ -10,14 +10,12 @@
 //! with the reason. Startup options are refused in either mode. Assertions
 //! read the database directly.
 
-use std::time::Duration;
-
 use actix_web::http::StatusCode;
 use serde_json::json;
 
 use crate::{
-    helpers::{PATIENCE, TestApp, fresh_database, spawn_app_on, test_settings},
-    restart::{start_daemon, wait_ready},
+    helpers::{TestApp, fresh_database, spawn_app_on, test_settings},
+    restart::{count, start_daemon, wait_count, wait_ready},
 };
 
 /// `db_url` (a database of the stack's PostgreSQL) through the stack's
@@ -191,25 +189,14 @@ async fn acknowledged_messages_survive_sigkill_and_are_clustered_after_restart_t
     daemon.child.kill().expect("SIGKILL");
     daemon.child.wait().expect("the daemon exits");
     let db = sea_orm::Database::connect(&direct).await.expect("connect directly");
-    let count = async |sql: &str| {
-        use sea_orm::ConnectionTrait;
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
-            .await
-            .expect("query")
-            .expect("a row");
-        row.try_get::<i64>("", "n").expect("a count")
-    };
+    let count = |sql: &'static str| count(&db, sql);
     assert_eq!(count("SELECT count(*) AS n FROM messages WHERE status = 'pending'").await, 20);
 
     // Second life, through PgBouncer again: the start-up sweep resumes.
     let (mut daemon, port) = start_daemon(&direct, &behind_pgbouncer).await;
     wait_ready(&client, port).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while count("SELECT count(*) AS n FROM messages WHERE status = 'clustered'").await < 20 {
-        assert!(tokio::time::Instant::now() < deadline, "acknowledged messages were not clustered after the restart");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let clustered = "SELECT count(*) AS n FROM messages WHERE status = 'clustered'";
+    wait_count(&db, clustered, 20, "acknowledged messages were not clustered after the restart").await;
     daemon.child.kill().expect("SIGKILL");
     daemon.child.wait().expect("the daemon exits");
     assert_eq!(count("SELECT count(*) AS n FROM messages").await, 20, "stored exactly once");

@@ -67,28 +67,15 @@ async fn acknowledged_messages_survive_sigkill_and_are_clustered_after_restart()
     daemon.child.wait().expect("the daemon exits");
 
     let db = sea_orm::Database::connect(&db_url).await.expect("connect");
-    let count = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            let row = db
-                .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
-                .await
-                .expect("query")
-                .expect("a row");
-            row.try_get::<i64>("", "n").expect("a count")
-        }
-    };
+    let count = |sql: &'static str| count(&db, sql);
     assert_eq!(count("SELECT count(*) AS n FROM messages WHERE status = 'pending'").await, 40);
 
     // Second life, normal settings: the start-up sweep resumes the work.
     // (On a port of its own again: nothing needs the first one.)
     let (mut daemon, port) = start_daemon(&db_url, &[]).await;
     wait_ready(&client, port).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while count("SELECT count(*) AS n FROM messages WHERE status = 'clustered'").await < 40 {
-        assert!(tokio::time::Instant::now() < deadline, "acknowledged messages were not clustered after the restart");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let clustered = "SELECT count(*) AS n FROM messages WHERE status = 'clustered'";
+    wait_count(&db, clustered, 40, "acknowledged messages were not clustered after the restart").await;
     daemon.child.kill().expect("SIGKILL");
     daemon.child.wait().expect("the daemon exits");
 
@@ -114,13 +101,22 @@ async fn acknowledged_messages_survive_sigkill_and_are_clustered_after_restart()
 }
 
 /// Counts what `sql` selects as `n`.
-async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+pub(crate) async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
     let row = db
         .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
         .await
         .expect("query")
         .expect("a row");
     row.try_get::<i64>("", "n").expect("a count")
+}
+
+/// Waits until `sql` counts `n` (a separate process does the work).
+pub(crate) async fn wait_count(db: &sea_orm::DatabaseConnection, sql: &str, n: i64, what: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while count(db, sql).await < n {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A process restarted on the address its crashed predecessor listened on
@@ -153,11 +149,8 @@ async fn a_restart_on_the_same_address_takes_over_its_crashed_predecessors_work_
 
     let (mut heir, _) = start_daemon_at(&db_url, &format!("127.0.0.1:{port}"), &[long_ttl]).await;
     wait_ready(&client, port).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while count(&db, "SELECT count(*) AS n FROM messages WHERE status = 'clustered'").await < 10 {
-        assert!(tokio::time::Instant::now() < deadline, "the predecessor's work was not taken over at once");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let clustered = "SELECT count(*) AS n FROM messages WHERE status = 'clustered'";
+    wait_count(&db, clustered, 10, "the predecessor's work was not taken over at once").await;
     assert_eq!(count(&db, "SELECT count(*) AS n FROM instances").await, 1, "the predecessor's row is retired");
     heir.child.kill().expect("SIGKILL");
     heir.child.wait().expect("the daemon exits");
