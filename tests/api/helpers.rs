@@ -724,21 +724,7 @@ impl Replayed {
 impl TestApp {
     /// The creator's event log, oldest first: the stored frames.
     pub async fn all_events(&self, creator: &str) -> Vec<Value> {
-        let rows = self
-            .db
-            .query_all_raw(sea_orm::Statement::from_sql_and_values(
-                sea_orm::DbBackend::Postgres,
-                "SELECT payload::text AS payload FROM events WHERE creator_id = $1 ORDER BY event_id",
-                [creator.into()],
-            ))
-            .await
-            .expect("read the event log");
-        rows.iter()
-            .map(|row| {
-                let payload: String = row.try_get("", "payload").expect("a payload");
-                serde_json::from_str(&payload).expect("a JSON event")
-            })
-            .collect()
+        event_log(&self.db, creator).await
     }
 
     /// Runs a query whose rows are descriptions (column `v`) of what is
@@ -936,4 +922,22 @@ impl TestApp {
         })
         .await
     }
+}
+
+/// The creator's event log in `db`, oldest first: the stored frames.
+pub async fn event_log(db: &DatabaseConnection, creator: &str) -> Vec<Value> {
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT payload::text AS payload FROM events WHERE creator_id = $1 ORDER BY event_id",
+            [creator.into()],
+        ))
+        .await
+        .expect("read the event log");
+    rows.iter()
+        .map(|row| {
+            let payload: String = row.try_get("", "payload").expect("a payload");
+            serde_json::from_str(&payload).expect("a JSON event")
+        })
+        .collect()
 }

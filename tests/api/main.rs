@@ -15,6 +15,7 @@ mod ingest;
 mod instances;
 mod membership;
 mod model;
+mod nginx;
 mod openai;
 mod operations;
 mod pgbouncer;
