@@ -2,6 +2,9 @@
 #
 #   make run         start the local stack (PostgreSQL + Redis) and the daemon
 #                    (clusterd serve, on 127.0.0.1:8080 by default)
+#   make run-cluster N instances (N=3 by default) behind nginx on 127.0.0.1:8080,
+#                    sharing the stack's PostgreSQL and Redis; Ctrl-C stops all
+#                    (scripts/run-cluster.sh)
 #   make test        start the stack, then fmt check, clippy and tests (one
 #                    build), and a short crash test (15 s, 2 SIGKILLs; what
 #                    CI runs)
@@ -35,7 +38,7 @@ WITH_CLIPPY = export RUSTC_WORKSPACE_WRAPPER="$$(command -v clippy-driver)" \
 .PHONY: help run test fmt clippy bench stack-up stack-down stack-status
 
 help:
-	@sed -n '3,17s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,20s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 # A development admin token is (re)made at each start, replacing the one
 # before, printed, and kept in .stack/dev-token (git-ignored).
@@ -45,6 +48,14 @@ run: stack-up
 	@echo "Development admin token (also in .stack/dev-token): $$(cat .stack/dev-token)"
 	@echo "  e.g. curl -H \"Authorization: Bearer $$(cat .stack/dev-token)\" http://127.0.0.1:8080/v1/creators/demo/clusters"
 	$(WITH_STACK_ENV) exec $${CARGO_TARGET_DIR:-target}/release/clusterd serve
+
+# N instances on 127.0.0.1:8081.. behind Debian's nginx on 127.0.0.1:8080,
+# a development admin token in .stack/dev-token (scripts/run-cluster.sh).
+N ?= 3
+.PHONY: run-cluster
+run-cluster: stack-up
+	cargo build --release --bin clusterd
+	scripts/run-cluster.sh $(N)
 
 test: stack-up
 	@# Databases left by earlier test runs (each test makes its own).
