@@ -1,38 +1,53 @@
 #!/usr/bin/env bash
-# The query cache's benchmark (BENCHMARKS.md, "Query cache (issue 13)"): a
-# fresh database seeded with 600 messages of three creators, then, for each
-# of ROUNDS rounds, a daemon with the cache off and one with it on (Redis
-# and the in-process LRU), each timing 3,000 sequential lists and then the
-# seed's mix (8 ingests : 2 lists, 150 times). Needs the stack
-# (`eval "$(scripts/stack.sh env)"`) and a built target/debug/clusterd;
-# drops its database at the end.
+# The query cache's benchmark (BENCHMARKS.md, "Query cache"): one fresh
+# database, three creators prefilled (PREFILL messages each), then ROUNDS
+# rounds of three daemon variants on it, each timing
+#   - sequential reads: `loadtest --mode read --connections 1` (list
+#     clusters and cluster detail alternately),
+#   - the seed's mix: `loadtest --mode mix --connections MIX_CONNECTIONS`
+#     (8 ingests : 2 list clusters over the three creators).
+# Variants: cache off; cache on with the Redis SET awaited
+# (cache.write_behind = false); cache on, written behind (the default).
+# Release binaries, auth on (an admin token), the `hash` embedder (the
+# model's CPU would drown the reads), Redis set for every variant.
+#
+#   loadtest/cache_bench.sh               # ROUNDS=3 SECS=15
+#
+# Needs the stack and `cargo build --release -p clusterd -p loadtest`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+BIN="${LT_BIN:-target/release}"
+PORT="${LT_PORT:-0}"
+LOG_DIR="${LT_LOG_DIR:-target/loadtest}"
+DB="lt_cache_$(date +%s)_$$"
 ROUNDS=${ROUNDS:-3}
-admin=${CLUSTERD_TEST_DATABASE_URL:?run eval "\$(scripts/stack.sh env)" first}
-redis=${CLUSTERD_TEST_REDIS_URL:?run eval "\$(scripts/stack.sh env)" first}
-db=clusterd_bench_cache_$(date +%s)
-work=$(mktemp -d)
-psql "$admin" -qc "CREATE DATABASE $db"
-trap 'psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; rm -rf "$work"' EXIT
-start() {
-  rm -f "$work/port"
-  env -i PATH="$PATH" HOME="$HOME" CLUSTERD_CONFIG_DIR=config CLUSTERD__DATABASE__URL="${admin%/*}/$db" \
-    CLUSTERD__SERVER__BIND=127.0.0.1:0 CLUSTERD__SERVER__PORT_FILE="$work/port" CLUSTERD__EMBEDDER__PROVIDER=hash \
-    CLUSTERD__AUTH__ENABLED=false CLUSTERD__LOG__FILTER=error "$@" target/debug/clusterd serve 2>>"$work/log" &
-  pid=$!
-  for _ in $(seq 200); do [ -s "$work/port" ] && break; sleep 0.1; done
-  port=$(cat "$work/port")
-}
-stop() { kill "$pid"; wait "$pid" || true; }
-start; python3 loadtest/cache_bench.py "$port" seed 0; sleep 2; stop
+SECS=${SECS:-15}
+PREFILL=${PREFILL:-200}
+MIX_CONNECTIONS=${MIX_CONNECTIONS:-8}
+export CLUSTERD__EMBEDDER__PROVIDER=hash CLUSTERD__AUTH__ENABLED=true CLUSTERD__LOG__FILTER=warn
+LT_DEFER_DAEMON=1
+# shellcheck source=loadtest/daemon.sh
+source loadtest/daemon.sh
+export CLUSTERD__REDIS__URL="$CLUSTERD_TEST_REDIS_URL"
+
+stop_daemon() { kill -TERM "$daemon"; wait "$daemon" || true; daemon=""; }
+lt() { "$BIN/loadtest" --url "http://127.0.0.1:$PORT" --creator-prefix "cb-$DB-" --creators 3 "$@"; }
+
+start_daemon
+lt --mode read --prefill "$PREFILL" --count 1 >/dev/null
+stop_daemon
+
 for round in $(seq "$ROUNDS"); do
-  for mode in off on; do
-    # Redis in both, so that only the query cache differs (the embedder uses Redis too).
-    if [ "$mode" = off ]; then start CLUSTERD__CACHE__ENABLED=false CLUSTERD__REDIS__URL="$redis"; else start CLUSTERD__REDIS__URL="$redis"; fi
-    echo "== round $round, cache $mode"
-    python3 loadtest/cache_bench.py "$port" list 3000
-    python3 loadtest/cache_bench.py "$port" mix 150
-    stop
-  done
+    for variant in off awaited behind; do
+        case $variant in
+            off) export CLUSTERD__CACHE__ENABLED=false CLUSTERD__CACHE__WRITE_BEHIND=true ;;
+            awaited) export CLUSTERD__CACHE__ENABLED=true CLUSTERD__CACHE__WRITE_BEHIND=false ;;
+            behind) export CLUSTERD__CACHE__ENABLED=true CLUSTERD__CACHE__WRITE_BEHIND=true ;;
+        esac
+        start_daemon
+        echo "== round $round, cache $variant"
+        lt --mode read --connections 1 --duration "$SECS" | grep -E "operations|list clusters|cluster detail|cache|errors"
+        lt --mode mix --connections "$MIX_CONNECTIONS" --duration "$SECS" | grep -E "operations|list clusters|ingest|cache|errors"
+        stop_daemon
+    done
 done

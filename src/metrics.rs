@@ -50,6 +50,7 @@ pub struct Metrics {
     pub ws_stalled: IntCounter,
     pub query_cache: IntCounterVec,
     pub query_cache_errors: IntCounter,
+    pub query_cache_writes: IntCounterVec,
     pub event_delivery_seconds: HistogramVec,
     pub fanout_published: IntCounter,
     pub fanout_publish_errors: IntCounter,
@@ -213,6 +214,13 @@ impl Metrics {
             query_cache_errors: register!(counter(
                 "query_cache_errors_total",
                 "Query cache Redis calls that failed or timed out (degraded to the in-process cache)"
+            )),
+            query_cache_writes: register!(IntCounterVec::new(
+                Opts::new(
+                    "query_cache_writes_total",
+                    "Query cache writes to Redis by result (stored, failed, dropped: too many in flight)"
+                ),
+                &["result"]
             )),
             event_delivery_seconds: register!(HistogramVec::new(
                 HistogramOpts::new(

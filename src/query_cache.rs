@@ -21,6 +21,12 @@
 //! build's. The rest of the key is the request's parameters; the whole is
 //! hashed (SHA-256) into a fixed-length Redis key `clusterd:q:<hex>`.
 //!
+//! Writes to Redis go behind the answer (`cache.write_behind`): a spawned
+//! task does the `SET`, at most [`MAX_PENDING_WRITES`] at a time (beyond,
+//! the write is dropped: a later miss writes it). This stays exact, since
+//! the key, not the time of the write, names the state the body shows; a
+//! reader on another instance that comes before the write lands misses.
+//!
 //! Values are the exact JSON body that was answered. Redis failures and
 //! slow answers are misses, never errors: after a failure Redis is left
 //! alone for [`REDIS_BACKOFF`](crate::redis_link::REDIS_BACKOFF), then tried again, so an outage costs the
@@ -36,6 +42,7 @@ use deadpool_redis::redis;
 use lru::LruCache;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use crate::{
     metrics::Metrics,
@@ -44,6 +51,9 @@ use crate::{
 };
 
 const REDIS_PREFIX: &str = "clusterd:q:";
+
+/// Redis writes in flight at most, with `cache.write_behind`.
+pub const MAX_PENDING_WRITES: usize = 64;
 
 /// A cached route, as `clusterd_query_cache_total{route}` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +106,9 @@ pub struct QueryCache {
     namespace: String,
     ttl: Duration,
     memory: Option<Mutex<Memory>>,
-    redis: Option<RedisLink>,
+    redis: Option<Arc<RedisLink>>,
+    /// Write-behind permits (`None`: writes are awaited).
+    writes: Option<Arc<Semaphore>>,
     metrics: Arc<Metrics>,
 }
 
@@ -114,11 +126,11 @@ impl QueryCache {
             .filter(|_| settings.enabled)
             .map(|n| Mutex::new(Memory { entries: LruCache::new(n), bytes: 0, max_bytes: settings.max_memory_bytes }));
         let redis = match &redis.url {
-            Some(url) if settings.enabled && !url.expose_secret().is_empty() => Some(RedisLink::new(
+            Some(url) if settings.enabled && !url.expose_secret().is_empty() => Some(Arc::new(RedisLink::new(
                 url.expose_secret(),
                 redis.pool_size,
                 Duration::from_millis(settings.redis_timeout_ms),
-            )?),
+            )?)),
             _ => None,
         };
         Ok(Self {
@@ -127,6 +139,7 @@ impl QueryCache {
             ttl: Duration::from_secs(settings.ttl_secs.max(1)),
             memory,
             redis,
+            writes: settings.write_behind.then(|| Arc::new(Semaphore::new(MAX_PENDING_WRITES))),
             metrics,
         })
     }
@@ -173,28 +186,29 @@ impl QueryCache {
         found
     }
 
-    /// Keeps `body` under `key`, in process and in Redis, for `cache.ttl_secs`.
+    /// Keeps `body` under `key`, in process and in Redis, for
+    /// `cache.ttl_secs`; with `cache.write_behind` the Redis write is left to
+    /// a spawned task and this returns at once.
     pub async fn put(&self, key: Key, body: Arc<str>) {
         if !self.enabled {
             return;
         }
         self.put_memory(key, body.clone());
-        if let Some(redis) = &self.redis {
-            let ttl = self.ttl.as_secs();
-            let stored = redis
-                .run(|mut conn| async move {
-                    redis::cmd("SET")
-                        .arg(key.redis())
-                        .arg(body.as_bytes())
-                        .arg("EX")
-                        .arg(ttl)
-                        .query_async::<()>(&mut conn)
-                        .await
-                })
-                .await;
-            if let Err(error) = stored {
-                self.redis_failed(&error);
+        let Some(redis) = &self.redis else { return };
+        let ttl = self.ttl.as_secs();
+        let Some(writes) = &self.writes else {
+            store(redis, &self.metrics, key, body, ttl).await;
+            return;
+        };
+        match writes.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let (redis, metrics) = (redis.clone(), self.metrics.clone());
+                tokio::spawn(async move {
+                    store(&redis, &metrics, key, body, ttl).await;
+                    drop(permit);
+                });
             }
+            Err(_) => self.metrics.query_cache_writes.with_label_values(&["dropped"]).inc(),
         }
     }
 
@@ -240,17 +254,40 @@ impl QueryCache {
         match value {
             Ok(value) => value.and_then(|bytes| String::from_utf8(bytes).ok()).map(Arc::from),
             Err(error) => {
-                self.redis_failed(&error);
+                redis_failed(&self.metrics, &error);
                 None
             }
         }
     }
+}
 
-    fn redis_failed(&self, error: &LinkError) {
-        if !matches!(error, LinkError::Resting) {
-            tracing::debug!(%error, "query cache: Redis failed; in-process only for now");
-            self.metrics.query_cache_errors.inc();
+/// `SET key body EX ttl`, counted in `clusterd_query_cache_writes_total`.
+async fn store(redis: &RedisLink, metrics: &Metrics, key: Key, body: Arc<str>, ttl: u64) {
+    let stored = redis
+        .run(|mut conn| async move {
+            redis::cmd("SET")
+                .arg(key.redis())
+                .arg(body.as_bytes())
+                .arg("EX")
+                .arg(ttl)
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await;
+    let result = match stored {
+        Ok(()) => "stored",
+        Err(error) => {
+            redis_failed(metrics, &error);
+            "failed"
         }
+    };
+    metrics.query_cache_writes.with_label_values(&[result]).inc();
+}
+
+fn redis_failed(metrics: &Metrics, error: &LinkError) {
+    if !matches!(error, LinkError::Resting) {
+        tracing::debug!(%error, "query cache: Redis failed; in-process only for now");
+        metrics.query_cache_errors.inc();
     }
 }
 
@@ -259,8 +296,14 @@ mod tests {
     use super::*;
 
     fn cache(max_entries: usize, max_memory_bytes: usize) -> QueryCache {
-        let settings =
-            QueryCacheSettings { enabled: true, ttl_secs: 60, max_entries, max_memory_bytes, redis_timeout_ms: 1 };
+        let settings = QueryCacheSettings {
+            enabled: true,
+            ttl_secs: 60,
+            max_entries,
+            max_memory_bytes,
+            redis_timeout_ms: 1,
+            write_behind: true,
+        };
         QueryCache::new(&settings, &RedisSettings::default(), "db".into(), Arc::new(Metrics::new()))
             .expect("no redis to configure")
     }
@@ -282,6 +325,7 @@ mod tests {
                 max_entries: 4,
                 max_memory_bytes: 1,
                 redis_timeout_ms: 1,
+                write_behind: true,
             },
             &RedisSettings::default(),
             "another db".into(),
@@ -318,6 +362,7 @@ mod tests {
             max_entries: 10,
             max_memory_bytes: 100,
             redis_timeout_ms: 1,
+            write_behind: true,
         };
         let c = QueryCache::new(&settings, &RedisSettings::default(), "db".into(), Arc::new(Metrics::new()))
             .expect("no redis");

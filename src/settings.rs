@@ -166,6 +166,9 @@ pub struct QueryCacheSettings {
     pub max_memory_bytes: usize,
     /// Time allowed for one Redis round trip before it counts as a miss.
     pub redis_timeout_ms: u64,
+    /// Writes to Redis in the background, never delaying the answer
+    /// (false: the answer waits for the `SET`).
+    pub write_behind: bool,
 }
 
 /// Live events across instances, over Redis pub/sub (with `redis.url`).

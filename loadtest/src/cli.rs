@@ -17,6 +17,15 @@ pub const CREATORS_PER_EVENT_SOCKET: usize = 50;
 #[derive(Debug, Parser)]
 #[command(version, group(ArgGroup::new("stop").args(["duration", "count"]).required(true).multiple(true)))]
 pub struct Args {
+    /// What to run: ingest load (the default), reads (list clusters and
+    /// cluster detail), or the seed's mix (8 ingests : 2 list clusters); see
+    /// `reads`.
+    #[arg(long, value_enum, default_value_t = Mode::Ingest)]
+    pub mode: Mode,
+    /// Read and mix modes: messages posted to each creator before the run
+    /// (which then waits until every creator has a cluster to read).
+    #[arg(long, default_value_t = 0)]
+    pub prefill: u32,
     /// Base URL of the daemon; loopback addresses only.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
@@ -76,6 +85,13 @@ pub struct Args {
     /// keep going. Event sockets reconnect in any case.
     #[arg(long)]
     pub keep_going: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Ingest,
+    Read,
+    Mix,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -213,7 +229,9 @@ mod tests {
         assert!(!args.keep_going && args.acked_file.is_none());
         let args = Args::try_parse_from(["loadtest", "--count", "1", "--keep-going", "--acked-file", "/tmp/acked.csv"])
             .unwrap();
-        assert!(args.keep_going);
+        assert!(args.keep_going && args.mode == Mode::Ingest);
+        let args = Args::try_parse_from(["loadtest", "--mode", "mix", "--creators", "3", "--count", "10"]).unwrap();
+        assert_eq!((args.mode, args.creators, args.prefill), (Mode::Mix, 3, 0));
         assert_eq!(args.acked_file.as_deref(), Some(std::path::Path::new("/tmp/acked.csv")));
     }
 

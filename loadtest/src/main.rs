@@ -5,6 +5,8 @@
 //! cargo run --release -p loadtest -- --duration 20                       # WS, 8 connections, flat out
 //! cargo run --release -p loadtest -- --transport http --connections 32 --duration 20
 //! cargo run --release -p loadtest -- --rate 500 --duration 20            # paced: 500 msg/s in total
+//! cargo run --release -p loadtest -- --mode read --connections 8 --duration 20   # list + detail
+//! cargo run --release -p loadtest -- --mode mix --creators 3 --duration 20       # 8 ingests : 2 lists
 //! ```
 //!
 //! `loadtest/bench.sh [args]` runs one such test against a fresh daemon on a
@@ -31,6 +33,7 @@ mod cli;
 mod events;
 mod http_ingest;
 mod pacer;
+mod reads;
 mod report;
 mod run;
 mod socket;
@@ -47,7 +50,7 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use crate::{
-    cli::{Args, CREATORS_PER_EVENT_SOCKET, Target, Transport},
+    cli::{Args, CREATORS_PER_EVENT_SOCKET, Mode, Target, Transport},
     events::Subscriber,
     report::Setup,
     run::Run,
@@ -69,6 +72,9 @@ async fn execute(args: Args) -> anyhow::Result<()> {
     let target = Target::parse(&args.url)?.with_token(args.token.as_deref());
     let drain = args.drain()?;
     check_ready(&target).await?;
+    if args.mode != Mode::Ingest {
+        return reads::execute(args, target).await;
+    }
 
     let mut run =
         Run::new(args.creators, args.creator_prefix.as_deref(), args.seed, args.texts, args.limits()?, args.events);

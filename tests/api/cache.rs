@@ -59,6 +59,17 @@ async fn read(app: &TestApp, route: &str, path: &str, result: &str) -> Vec<u8> {
     body
 }
 
+/// Waits until `app` has stored `n` answers in Redis in all: writes go
+/// behind the answer (`cache.write_behind`), so another instance may miss
+/// until then.
+async fn stored(app: &TestApp, n: f64) {
+    let deadline = tokio::time::Instant::now() + crate::helpers::PATIENCE;
+    while app.metric("clusterd_query_cache_writes_total{result=\"stored\"}").await < n {
+        assert!(tokio::time::Instant::now() < deadline, "{n} answers never reached Redis");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 fn json_of(body: &[u8]) -> Value {
     serde_json::from_slice(body).expect("a JSON body")
 }
@@ -217,8 +228,10 @@ async fn two_instances_on_one_redis_share_entries_and_see_each_others_writes_at_
 
     // Cached by one, a hit on two (whose in-process cache never saw it).
     let first = read(&one, "list", &list_path, "miss").await;
+    stored(&one, 1.0).await;
     assert_eq!(read(&two, "list", &list_path, "hit").await, first);
     let first = read(&two, "detail", &detail_path, "miss").await;
+    stored(&two, 1.0).await;
     assert_eq!(read(&one, "detail", &detail_path, "hit").await, first);
 
     // Written through two: one's very next reads show it.
@@ -232,11 +245,29 @@ async fn two_instances_on_one_redis_share_entries_and_see_each_others_writes_at_
     // A message decided by one: two's next read shows it.
     let all_path = format!("{list_path}?status=all");
     let cached_all = read(&two, "list", &all_path, "miss").await;
+    stored(&two, 2.0).await;
     assert_eq!(read(&one, "list", &all_path, "hit").await, cached_all);
     let id = one.post_message(&creator, "Do you ship merch to Brazil?").await;
     let new_cluster = one.wait_clustered(&id).await["cluster_id"].as_str().expect("a cluster").to_owned();
     let list = json_of(&read(&two, "list", &all_path, "miss").await);
     assert!(clusters(&list).contains_key(&new_cluster), "{list}");
+}
+
+#[actix_web::test]
+async fn with_writes_awaited_an_answer_is_in_redis_before_the_client_has_it() {
+    let db = fresh_database().await;
+    let awaited = |s: &mut Settings| {
+        with_redis(s);
+        s.cache.write_behind = false;
+    };
+    let one = spawn_app_on(&db, awaited).await;
+    let two = spawn_app_on(&db, awaited).await;
+    let creator = creator("awaited");
+    let id = one.post_message(&creator, "How much is the VIP ticket?").await;
+    one.wait_clustered(&id).await;
+    let list_path = format!("/v1/creators/{creator}/clusters");
+    let first = read(&one, "list", &list_path, "miss").await;
+    assert_eq!(read(&two, "list", &list_path, "hit").await, first, "no wait needed");
 }
 
 /// Stores a token of `scope` in the app's database; returns its secret.
@@ -340,6 +371,7 @@ async fn redis_killed_the_reads_still_answer_correctly_and_the_shared_tier_comes
     app.wait_clustered(&id).await;
     let path = format!("/v1/creators/{creator}/clusters");
     cached(&app, "list", &path).await;
+    stored(&app, 1.0).await;
     assert_eq!(query_keys(&redis.url()).await, 1, "the answer is in Redis");
     assert_eq!(app.metric("clusterd_query_cache_errors_total").await, 0.0);
 
