@@ -85,6 +85,27 @@ pub struct Args {
     /// keep going. Event sockets reconnect in any case.
     #[arg(long)]
     pub keep_going: bool,
+    /// Subscribe mode: this many WebSocket subscribers, subscriber k on run
+    /// creator k mod --creators, each timing every event from its `at` and
+    /// checking its event ids (see loadtest/subscribe.sh).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub subscribers: u32,
+    /// Subscribe mode: this many more subscribers (dashboards) on the hot
+    /// creator, the first run creator.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub hot_dashboards: u32,
+    /// Percent of the messages sent to the hot creator (0: it gets its
+    /// uniform share).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub hot_percent: u8,
+    /// Subscribe mode: base URL(s) of the daemons the subscribers connect
+    /// to, round-robin (repeat the flag); default --url. Loopback only.
+    #[arg(long)]
+    pub subscribe_url: Vec<String>,
+    /// Subscribe mode: a daemon's process id, whose resident memory is read
+    /// before and after the subscribers connect (repeat the flag).
+    #[arg(long)]
+    pub daemon_pid: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

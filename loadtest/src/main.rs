@@ -38,10 +38,11 @@ mod report;
 mod run;
 mod socket;
 mod stats;
+mod subscribe;
 mod texts;
 mod ws_ingest;
 
-use std::{process::ExitCode, rc::Rc, time::Duration};
+use std::{fmt::Write, process::ExitCode, rc::Rc, time::Duration};
 
 use actix_web::rt::{self, task::JoinHandle};
 use anyhow::{Context, bail};
@@ -77,7 +78,8 @@ async fn execute(args: Args) -> anyhow::Result<()> {
     }
 
     let mut run =
-        Run::new(args.creators, args.creator_prefix.as_deref(), args.seed, args.texts, args.limits()?, args.events);
+        Run::new(args.creators, args.creator_prefix.as_deref(), args.seed, args.texts, args.limits()?, args.events)
+            .with_hot_percent(args.hot_percent);
     if let Some(path) = &args.acked_file {
         run = run.with_acked_file(path)?;
     }
@@ -86,6 +88,10 @@ async fn execute(args: Args) -> anyhow::Result<()> {
     eprintln!("loadtest: run {}: {}", setup.run_id, setup.description);
 
     let listeners = subscribe(&run, &target).await?;
+    let fleet = match args.subscribers + args.hot_dashboards {
+        0 => None,
+        _ => Some(connect_fleet(&args, &run).await?),
+    };
     let senders = Senders::connect(&args, &target).await?;
     let started = run.plan.start();
     let progress = rt::spawn(progress(run.clone(), started));
@@ -94,6 +100,10 @@ async fn execute(args: Args) -> anyhow::Result<()> {
     if args.events {
         drain_events(&run, ingest_end + drain).await;
     }
+    if let Some((fleet, _)) = &fleet {
+        fleet.settle(FLEET_QUIET, Instant::now() + drain).await;
+        fleet.stop();
+    }
     progress.abort();
     listeners.iter().for_each(JoinHandle::abort);
 
@@ -101,10 +111,51 @@ async fn execute(args: Args) -> anyhow::Result<()> {
     let stats = run.stats.borrow();
     let ingest_time = ingest_end.saturating_duration_since(started);
     print!("{}", report::final_report(&setup, &stats, ingest_time, drain, args.events));
+    if let Some((fleet, memory)) = &fleet {
+        print!("{memory}{}", fleet.report());
+    }
     if stats.acked == 0 {
         bail!("no message was acknowledged");
     }
     Ok(())
+}
+
+/// How long the subscribers must have been quiet, after the ingest, for
+/// the run to end before `--drain`.
+const FLEET_QUIET: Duration = Duration::from_secs(2);
+
+/// Connects the subscribe mode's subscribers; returns them and the lines
+/// on the daemons' memory per idle connection.
+async fn connect_fleet(args: &Args, run: &Run) -> anyhow::Result<(subscribe::Fleet, String)> {
+    let bases = if args.subscribe_url.is_empty() { std::slice::from_ref(&args.url) } else { &args.subscribe_url };
+    let mut urls = Vec::with_capacity(bases.len());
+    for base in bases {
+        let target = Target::parse(base)?.with_token(args.token.as_deref());
+        check_ready(&target).await?;
+        urls.push(target.ws);
+    }
+    let mut fleet =
+        subscribe::Fleet::plan(&run.creators, args.subscribers as usize, args.hot_dashboards as usize, &urls);
+    let before: Vec<u64> = args.daemon_pid.iter().map(|&pid| subscribe::rss_kib(pid)).collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    fleet.connect().await?;
+    let took = started.elapsed();
+    eprintln!("loadtest: {} subscribers connected in {:.1} s", fleet.len(), took.as_secs_f64());
+    // Let the daemons' allocators and the sessions' first heartbeat settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut memory = format!("subscribers     {} connected in {:.1} s\n", fleet.len(), took.as_secs_f64());
+    for (&pid, before) in args.daemon_pid.iter().zip(before) {
+        let after = subscribe::rss_kib(pid)?;
+        let per = after.saturating_sub(before) as f64 * 1024.0 / fleet.len() as f64;
+        let _ = writeln!(
+            memory,
+            "idle memory     pid {pid}: RSS {:.1} MiB -> {:.1} MiB, {:.1} KiB per subscribed idle connection",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            per / 1024.0
+        );
+    }
+    Ok((fleet, memory))
 }
 
 /// Fails early, with a clear message, when no daemon answers.

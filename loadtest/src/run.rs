@@ -32,6 +32,8 @@ pub struct Run {
     pub settled: Notify,
     /// `--acked-file`: one line per acknowledged message.
     acked_log: Option<RefCell<AckedLog>>,
+    /// `--hot-percent`: the share of messages for the first creator.
+    hot_percent: usize,
 }
 
 /// The `--acked-file` writer; remembers its first error for the end of the
@@ -64,7 +66,15 @@ impl Run {
             stats: RefCell::new(Stats::new(track_events)),
             settled: Notify::new(),
             acked_log: None,
+            hot_percent: 0,
         }
+    }
+
+    /// Sends `percent` % of the messages to the first creator, the hot one,
+    /// and the rest uniformly over all.
+    pub fn with_hot_percent(mut self, percent: u8) -> Self {
+        self.hot_percent = usize::from(percent);
+        self
     }
 
     /// Appends every acknowledged message to `path` (`--acked-file`).
@@ -115,7 +125,8 @@ impl Run {
     /// Message number `seq`: a text for a random creator, with an
     /// `external_id` (as integrations send) and a visitor.
     pub fn message(&self, seq: u64, rng: &mut Rng) -> MessageInput {
-        let creator = rng.pick(&self.creators).clone();
+        let hot = self.hot_percent > 0 && rng.percent(self.hot_percent);
+        let creator = if hot { self.creators[0].clone() } else { rng.pick(&self.creators).clone() };
         let visitor = Visitor { id: Some(format!("v{}", rng.below(10_000))), ..Visitor::default() };
         MessageInput {
             creator_id: creator,

@@ -34,6 +34,7 @@ use std::{
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use bytestring::ByteString;
 use futures_util::{StreamExt, future::LocalBoxFuture, stream::FuturesOrdered};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -190,7 +191,7 @@ impl WsSession {
         }
     }
 
-    async fn send(&mut self, text: String) -> Result<(), End> {
+    async fn send(&mut self, text: impl Into<ByteString>) -> Result<(), End> {
         sent(self.stall_limit, self.out.text(text)).await
     }
 
@@ -353,7 +354,7 @@ impl WsSession {
             };
             let Some(last) = page.last().map(|e| e.event_id) else { break };
             for event in page {
-                self.send(event.frame.to_string()).await?;
+                self.send(event.frame).await?;
             }
             after = last;
         }
@@ -370,7 +371,7 @@ impl WsSession {
             let creator = event.creator_id.clone();
             self.replay(&creator, Some(last), event.event_id - 1).await?;
         }
-        self.send(event.frame.to_string()).await?;
+        self.send(event.frame).await?;
         self.subscriptions.set_delivered(self.id, &event.creator_id, event.event_id);
         Ok(())
     }

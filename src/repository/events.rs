@@ -6,6 +6,7 @@ use std::{
     sync::Arc,
 };
 
+use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult};
 use uuid::Uuid;
@@ -21,12 +22,13 @@ use crate::{
 };
 
 /// An event as it leaves the log: its position and the frame text that
-/// subscribers receive, serialised once for all of them.
+/// subscribers receive, serialised once for all of them and shared (a
+/// clone is a reference count, and actix-ws sends it without a copy).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
     pub creator_id: Arc<str>,
     pub event_id: i64,
-    pub frame: Arc<str>,
+    pub frame: ByteString,
     /// When it was committed: the frame's `at` (delivery latency is
     /// measured from it).
     pub at: DateTime<Utc>,

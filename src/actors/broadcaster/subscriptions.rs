@@ -10,9 +10,11 @@
 //!
 //! Two indexes, kept by this type alone: by session (its channel and, per
 //! creator, the last event id it delivered) and by creator (who to deliver
-//! to). A method that touches both takes the session's entry first and
-//! never holds a creator's entry while it takes a session's, so concurrent
-//! callers cannot deadlock; [`Subscriptions::remove_session`] is the one
+//! to, with a clone of each session's sender, so that delivering an event
+//! reads the creator's entry alone, however many sessions it has). A method
+//! that touches both takes the session's entry first and never holds a
+//! creator's entry while it takes a session's, so concurrent callers cannot
+//! deadlock; [`Subscriptions::remove_session`] is the one
 //! cleanup (a session closing, a slow one dropped, a broadcaster restart).
 
 use std::{
@@ -56,7 +58,9 @@ pub struct Subscriptions(Arc<Registry>);
 
 struct Registry {
     sessions: DashMap<SessionId, Session>,
-    subscribers: DashMap<Arc<str>, HashSet<SessionId>>,
+    /// Per creator, its sessions and each one's sender (a clone of the
+    /// session's own).
+    subscribers: DashMap<Arc<str>, HashMap<SessionId, mpsc::Sender<StoredEvent>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -85,6 +89,12 @@ impl Subscriptions {
         let registry = &self.0;
         let mut entry = match (registry.sessions.entry(session), sink) {
             (Entry::Occupied(mut entry), Some(sink)) => {
+                // A new channel: its creators deliver to it from now on.
+                for creator in entry.get().creators.keys() {
+                    if let Some(mut sessions) = registry.subscribers.get_mut(creator) {
+                        sessions.insert(session, sink.clone());
+                    }
+                }
                 entry.get_mut().sink = sink;
                 entry.into_ref()
             }
@@ -95,7 +105,8 @@ impl Subscriptions {
         if entry.creators.insert(creator_id.clone(), None).is_none() {
             registry.metrics.ws_subscriptions.inc();
         }
-        registry.subscribers.entry(creator_id).or_default().insert(session);
+        let sink = entry.sink.clone();
+        registry.subscribers.entry(creator_id).or_default().insert(session, sink);
     }
 
     /// The last event id `session` delivered of `creator_id`'s; `None` when
@@ -159,8 +170,12 @@ impl Subscriptions {
     /// left out: they read it themselves). An event of the log above it is
     /// one some session here has not had.
     pub fn positions(&self) -> Vec<(Arc<str>, i64)> {
-        let creators: Vec<(Arc<str>, HashSet<SessionId>)> =
-            self.0.subscribers.iter().map(|entry| (entry.key().clone(), entry.value().clone())).collect();
+        let creators: Vec<(Arc<str>, Vec<SessionId>)> = self
+            .0
+            .subscribers
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().keys().copied().collect()))
+            .collect();
         // No creator's entry is held from here on (see the module's docs).
         creators
             .into_iter()
@@ -181,14 +196,15 @@ impl Subscriptions {
         let mut too_slow = HashSet::new();
         let latency = registry.metrics.event_delivery_seconds.with_label_values(&[path.label()]);
         for event in events {
-            let Some(sessions) = registry.subscribers.get(&event.creator_id).map(|s| s.clone()) else { continue };
+            // Held while handing out (`try_send` never waits); no session's
+            // entry is taken meanwhile (see the module's docs).
+            let Some(sessions) = registry.subscribers.get(&event.creator_id) else { continue };
             let mut handed = false;
-            for session in sessions {
-                if too_slow.contains(&session) {
+            for (&session, sink) in sessions.iter() {
+                if !too_slow.is_empty() && too_slow.contains(&session) {
                     continue;
                 }
-                let Some(entry) = registry.sessions.get(&session) else { continue };
-                match entry.sink.try_send(event.clone()) {
+                match sink.try_send(event.clone()) {
                     Ok(()) => handed = true,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         registry.metrics.ws_slow_closed.inc();
@@ -199,6 +215,7 @@ impl Subscriptions {
                     }
                 }
             }
+            drop(sessions);
             if handed {
                 // A clock behind the committing instance's reads as 0.
                 let elapsed = (chrono::Utc::now() - event.at).to_std().unwrap_or_default();
@@ -213,8 +230,8 @@ impl Subscriptions {
 
 impl Registry {
     fn unlink(&self, creator_id: &str, session: SessionId) {
-        if let Some(mut set) = self.subscribers.get_mut(creator_id) {
-            set.remove(&session);
+        if let Some(mut sessions) = self.subscribers.get_mut(creator_id) {
+            sessions.remove(&session);
         } // the guard goes before the next call: both may lock the same shard
         self.subscribers.remove_if(creator_id, |_, set| set.is_empty());
     }
@@ -271,6 +288,35 @@ mod tests {
         assert!(!subscriptions.unsubscribe(1, "a"), "keeps its receiver, to read the close");
         assert_eq!(metrics.ws_subscriptions.get(), 0);
         assert!(subscriptions.0.sessions.is_empty() && subscriptions.0.subscribers.is_empty());
+    }
+
+    #[test]
+    fn a_full_channel_drops_its_session_alone_and_every_other_gets_the_same_frame() {
+        let (subscriptions, metrics) = registry();
+        let (fast_tx, mut fast) = mpsc::channel(8);
+        let (slow_tx, mut slow) = mpsc::channel(1);
+        subscriptions.subscribe(1, "a".into(), Some(fast_tx));
+        subscriptions.subscribe(2, "a".into(), Some(slow_tx));
+        let at = chrono::Utc::now();
+        let events = (1..=3)
+            .map(|event_id| StoredEvent {
+                creator_id: "a".into(),
+                event_id,
+                frame: format!("{{\"n\":{event_id}}}").into(),
+                at,
+            })
+            .collect();
+        subscriptions.deliver(events, DeliveryPath::Local);
+
+        let first = fast.try_recv().expect("the fast session has event 1");
+        let ids: Vec<i64> = std::iter::from_fn(|| fast.try_recv().ok()).map(|e| e.event_id).collect();
+        assert_eq!(ids, [2, 3], "the fast session has every event");
+        let slow_first = slow.try_recv().expect("the slow session had room for one");
+        assert_eq!(slow_first.frame.as_ptr(), first.frame.as_ptr(), "one serialised frame, shared, not copied");
+        assert_eq!(slow.try_recv().unwrap_err(), TryRecvError::Disconnected, "then it was dropped: 1013");
+        assert_eq!(metrics.ws_slow_closed.get(), 1);
+        assert!(subscriptions.contains(1, "a") && !subscriptions.contains(2, "a"));
+        assert_eq!(metrics.ws_subscriptions.get(), 1);
     }
 
     #[test]
