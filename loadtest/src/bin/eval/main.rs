@@ -103,6 +103,24 @@ enum Command {
         #[arg(long = "set", value_parser = parse_setting)]
         set: Vec<(String, f32)>,
     },
+    /// Variants of the rule over a grid of bars, in one run: the frontier
+    /// (wrong-reply rate against V-measure) each variant reaches, e.g.
+    /// `--variant rule --variant refine:100 --grid 0.66/0.65,0.64/0.62`.
+    Frontier {
+        #[arg(required = true)]
+        data: Vec<PathBuf>,
+        #[command(flatten)]
+        orders: Orders,
+        /// `rule`, `review-avg`, `refine:K`, `refine:K+review-avg`, `merge`,
+        /// `margin:M` (see `variants.rs`).
+        #[arg(long = "variant", required = true)]
+        variants: Vec<Variant>,
+        /// Core/review bars, comma-separated.
+        #[arg(long, value_delimiter = ',', value_parser = parse_bars, default_value = "0.66/0.65")]
+        grid: Vec<(f32, f32)>,
+        #[arg(long = "set", value_parser = parse_setting)]
+        set: Vec<(String, f32)>,
+    },
     /// Offline references on the same embeddings: average-linkage
     /// agglomerative clustering at every cut of a grid, and k-means with
     /// the true number of classes.
@@ -135,6 +153,12 @@ fn parse_setting(s: &str) -> Result<(String, f32), String> {
     let (key, value) = s.split_once('=').ok_or("expected key=value")?;
     let value: f32 = value.parse().map_err(|e| format!("{value}: {e}"))?;
     Ok((key.to_owned(), value))
+}
+
+fn parse_bars(s: &str) -> Result<(f32, f32), String> {
+    let (core, review) = s.split_once('/').ok_or("expected core/review")?;
+    let parse = |x: &str| x.parse::<f32>().map_err(|e| format!("{x}: {e}"));
+    Ok((parse(core)?, parse(review)?))
 }
 
 /// Sets one named parameter.
@@ -286,6 +310,21 @@ fn main() -> anyhow::Result<()> {
                 for variant in [Variant::Margin { margin: 0.05 }, Variant::Merge] {
                     let s = summarise(&data, &orders, |o| variants::run(&data, o, &base, variant));
                     println!("{name}: {variant}: {s}");
+                }
+            }
+        }
+        Command::Frontier { data, orders, variants, grid, set: overrides } => {
+            let base = params(&overrides)?;
+            println!("parameters: {base:?}");
+            for path in &data {
+                let data = load(path, true, &[])?;
+                let orders = orders.of(data.texts.len());
+                for &(core, review) in &grid {
+                    let p = Params { core_threshold: core, review_threshold: review, ..base };
+                    for variant in &variants {
+                        let s = summarise(&data, &orders, |o| variants::run(&data, o, &p, *variant));
+                        println!("{}: {core:.2}/{review:.2}: {variant}: {s}", data.name);
+                    }
                 }
             }
         }
