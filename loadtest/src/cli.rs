@@ -251,9 +251,9 @@ mod tests {
         let args = Args::try_parse_from(["loadtest", "--count", "1", "--keep-going", "--acked-file", "/tmp/acked.csv"])
             .unwrap();
         assert!(args.keep_going && args.mode == Mode::Ingest);
+        assert_eq!(args.acked_file.as_deref(), Some(std::path::Path::new("/tmp/acked.csv")));
         let args = Args::try_parse_from(["loadtest", "--mode", "mix", "--creators", "3", "--count", "10"]).unwrap();
         assert_eq!((args.mode, args.creators, args.prefill), (Mode::Mix, 3, 0));
-        assert_eq!(args.acked_file.as_deref(), Some(std::path::Path::new("/tmp/acked.csv")));
     }
 
     #[test]

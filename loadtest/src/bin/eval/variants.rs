@@ -212,7 +212,7 @@ pub fn run(data: &Dataset, order: &[usize], params: &Params, variant: Variant) -
         placed.push(i);
         if let Variant::Rule { refine_every: k, .. } = variant
             && k > 0
-            && placed.len() % k == 0
+            && placed.len().is_multiple_of(k)
         {
             refine(data, &placed, &mut clusters, &mut placement, &mut by_text, params, mu_of(&background));
         }
