@@ -33,6 +33,17 @@ readonly HOST="127.0.0.1"
 
 say() { printf 'cluster: %s\n' "$*" >&2; }
 die() { printf 'cluster: ERROR: %s\n' "$*" >&2; exit 1; }
+# wait_answer URL PID TRIES WHAT: poll URL every 0.1 s until it answers;
+# dies if PID exits first or after TRIES polls.
+wait_answer() {
+    local url="$1" pid="$2" tries="$3" what="$4" t
+    for ((t = 0; ; t++)); do
+        curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || die "$what exited at its start"
+        ((t < tries)) || die "$what does not answer after $((tries / 10)) s"
+        sleep 0.1
+    done
+}
 
 [[ "$N" =~ ^[1-9][0-9]?$ ]] || die "N must be 1..99, got '$N'"
 [[ "$PORT" =~ ^[0-9]+$ ]] && ((PORT >= 1024 && PORT + N <= 65535)) || die "CLUSTERD_CLUSTER_PORT: bad port '$PORT'"
@@ -75,26 +86,17 @@ for ((i = 1; i <= N; i++)); do
     NAME_OF[$!]="instance $i ($HOST:$port)"
     upstreams+=("$HOST:$port")
 done
+
 for ((i = 1; i <= N; i++)); do
     port=$((PORT + i))
-    for ((t = 0; ; t++)); do
-        curl -fsS -o /dev/null "http://$HOST:$port/readyz" 2>/dev/null && break
-        kill -0 "${PIDS[i - 1]}" 2>/dev/null || die "instance $i exited at its start (log: $LOG_DIR/clusterd-$i.log)"
-        ((t < 600)) || die "instance $i not ready after 60 s (log: $LOG_DIR/clusterd-$i.log)"
-        sleep 0.1
-    done
+    wait_answer "http://$HOST:$port/readyz" "${PIDS[i - 1]}" 600 "instance $i (log: $LOG_DIR/clusterd-$i.log)"
     say "instance $i ready: $(hostname) $HOST:$port (log .stack/cluster/clusterd-$i.log)"
 done
 
 "$ROOT/scripts/stack.sh" nginx run "$ROOT/.stack/nginx" "$PORT" "${upstreams[@]}" &
 PIDS+=("$!")
 NAME_OF[$!]="nginx"
-for ((t = 0; ; t++)); do
-    curl -fsS -o /dev/null "http://$HOST:$PORT/healthz" 2>/dev/null && break
-    kill -0 "${PIDS[N]}" 2>/dev/null || die "nginx exited at its start (log: .stack/nginx/error.log)"
-    ((t < 100)) || die "nginx does not answer on $HOST:$PORT"
-    sleep 0.1
-done
+wait_answer "http://$HOST:$PORT/healthz" "${PIDS[N]}" 100 "nginx on $HOST:$PORT (log: .stack/nginx/error.log)"
 
 TOKEN="$(cat "$ROOT/.stack/dev-token")"
 say "$N instance(s) behind nginx on http://$HOST:$PORT (Ctrl-C stops all)"
